@@ -1,0 +1,426 @@
+"""The GRPO objective: group advantages, policy-loss variants, KL estimators and loss metrics.
+
+Everything here is a pure `jax.numpy` function of explicit arrays, jittable with the option
+arguments (strings, `beta`, `max_completion_length`) held static.
+
+Conventions (they follow TRL's `GRPOTrainer` unless stated):
+- Token arrays are [B, T] over completion positions; `mask` is 1 on real completion tokens.
+- `guided_mask` is 1 on completion tokens forced from a guidance trajectory (G²RPO-A). The
+  `guided` option decides how they are trained:
+    `train`   like sampled tokens (the official G²RPO-A code);
+    `mask`    excluded from the loss, the KL and every normaliser;
+    `shaping` LUFFY-style: objective A * p / (p + shaping_gamma) with p = exp(logprobs), no
+              ratio to the old policy and no clipping; the KL term still applies.
+  The tokens that enter the loss ("loss tokens") are `mask`, minus guided tokens under `mask`.
+- A row without loss tokens counts as absent (padding rows of a static-shape batch, or a fully
+  guided row under `guided="mask"`): it adds nothing to the loss and is not counted as a sequence
+  in the `grpo` and `dr_grpo` normalisers. TRL counts every row; the two agree whenever every row
+  has a loss token.
+
+Exact gradient accumulation: every loss is `numerator / normalizer`, where the numerator is a sum
+over sequences and the normaliser depends only on masks. The train step computes
+`loss_normalizer(...)` once on the full (global) batch and passes it as `normalizer=` to each
+micro-batch; the micro-batch losses (and their gradients) then sum exactly to the full-batch ones.
+Micro-batch metrics combine exactly with `combine_metrics`.
+
+`bnpo` and `dapo` have the same formula here (token sum over the global batch's loss-token count).
+TRL's `bnpo` normalises by the tokens of each micro-batch (so it depends on the split) while its
+`dapo` uses the global count; with a global normaliser both are exact, and the names are kept so
+configs from either code base mean the same loss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+GUIDED_MODES = ("train", "mask", "shaping")
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+# Keys of the metrics dict returned by `policy_loss`, grouped by how they combine over
+# micro-batches (see `combine_metrics`).
+_LOSS_TOKEN_MEANS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
+_COMPLETION_TOKEN_MEANS = ("guided_token_share",)
+_SEQUENCE_MEANS = ("advantage/mean", "completion_length/mean")
+_COUNTS = ("num_loss_tokens", "num_completion_tokens", "num_sequences")
+METRIC_KEYS = (
+    ("loss",)
+    + _LOSS_TOKEN_MEANS
+    + _COMPLETION_TOKEN_MEANS
+    + _SEQUENCE_MEANS
+    + ("advantage/std", "completion_length/min", "completion_length/max")
+    + _COUNTS
+)
+
+
+def _check_option(name: str, value, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"{name}={value!r} is not valid; expected one of {options}")
+
+
+def _float(x: jax.Array) -> jax.Array:
+    """At least float32: losses and statistics are never accumulated in bf16 or ints."""
+    return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, or 0 where the denominator is 0 (the numerator is then 0 too)."""
+    safe = jnp.where(denominator > 0, denominator, 1)
+    return jnp.where(denominator > 0, numerator / safe, 0)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def _grouped(rewards: jax.Array, group_size: int) -> jax.Array:
+    chex.assert_rank(rewards, 1)
+    num = rewards.shape[0]
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size} must be a positive integer")
+    if num % group_size != 0:
+        raise ValueError(
+            f"number of rewards N={num} is not a multiple of group_size={group_size}: "
+            "groups would be split or misaligned"
+        )
+    return _float(rewards).reshape(num // group_size, group_size)  # [N/G, G]
+
+
+def zero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
+    """bool [N // G]: groups whose rewards are all equal (they carry no GRPO signal).
+
+    Compared exactly (max == min) rather than via a computed std, which rounding can leave
+    slightly above zero for equal non-dyadic rewards such as 0.1.
+    """
+    grouped = _grouped(rewards, group_size)
+    return grouped.max(axis=1) == grouped.min(axis=1)
+
+
+def group_advantages(
+    rewards: jax.Array, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> jax.Array:
+    """Advantages [N] for rewards [N] laid out as N // G consecutive groups of `group_size`.
+
+    advantage = reward - group mean, then divided by (std + eps) where std is the unbiased std
+    of the group (`scale="group"`, GRPO) or of the whole batch (`"batch"`), or left unscaled
+    (`"none"`, Dr. GRPO). A group whose rewards are all equal gets exactly zero.
+    """
+    _check_option("scale", scale, ADVANTAGE_SCALES)
+    grouped = _grouped(rewards, group_size)  # [N/G, G]
+    if scale == "group" and group_size < 2:
+        raise ValueError(
+            f"group_size={group_size} is too small for scale='group': the unbiased group std "
+            "needs at least 2 rewards per group; use scale='batch' or 'none'"
+        )
+    if scale == "batch" and grouped.size < 2:
+        raise ValueError(
+            f"scale='batch' needs at least 2 rewards for the unbiased batch std; got N={grouped.size}"
+        )
+    centered = grouped - grouped.mean(axis=1, keepdims=True)  # [N/G, G]
+    if scale == "group":
+        centered = centered / (jnp.std(grouped, axis=1, ddof=1, keepdims=True) + eps)
+    elif scale == "batch":
+        centered = centered / (jnp.std(grouped, ddof=1) + eps)
+    all_equal = zero_std_groups(rewards, group_size)[:, None]  # [N/G, 1]
+    return jnp.where(all_equal, 0.0, centered).reshape(-1)  # [N]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _check_loss_options(
+    loss_type: str, kl: str, guided: str, importance_level: str, max_completion_length
+) -> None:
+    _check_option("loss_type", loss_type, LOSS_TYPES)
+    _check_option("kl", kl, KL_ESTIMATORS)
+    _check_option("guided", guided, GUIDED_MODES)
+    _check_option("importance_level", importance_level, IMPORTANCE_LEVELS)
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError(
+            "loss_type='dr_grpo' needs max_completion_length (its constant normaliser is "
+            "sequences × max_completion_length); got max_completion_length=None"
+        )
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length={max_completion_length} must be a positive integer")
+
+
+def _token_masks(
+    mask: jax.Array, guided_mask: Optional[jax.Array], guided: str
+) -> tuple[jax.Array, jax.Array]:
+    """(loss-token mask, guided mask restricted to completion tokens), both float [B, T]."""
+    completion = _float(mask) > 0
+    guide = completion & (_float(guided_mask) > 0) if guided_mask is not None else jnp.zeros_like(completion)
+    loss_tokens = completion & ~guide if guided == "mask" else completion
+    return loss_tokens.astype(jnp.float32), guide.astype(jnp.float32)
+
+
+def _normalizer_from_loss_tokens(
+    loss_type: str, loss_tokens: jax.Array, max_completion_length: Optional[int]
+) -> jax.Array:
+    if loss_type in ("bnpo", "dapo"):
+        return loss_tokens.sum()
+    num_sequences = (loss_tokens.sum(axis=1) > 0).sum().astype(jnp.float32)
+    if loss_type == "grpo":
+        return num_sequences
+    return num_sequences * max_completion_length  # dr_grpo
+
+
+def loss_normalizer(
+    loss_type: str,
+    mask: jax.Array,
+    max_completion_length: Optional[int] = None,
+    *,
+    guided_mask: Optional[jax.Array] = None,
+    guided: str = "train",
+) -> jax.Array:
+    """Scalar denominator of `policy_loss` for the batch described by `mask` [B, T].
+
+    Compute it once on the full (global) batch and pass it to every micro-batch's `policy_loss`
+    as `normalizer=`: the micro-batch losses then sum to the full-batch loss. It is the number of
+    sequences (grpo), the number of loss tokens (bnpo, dapo) or sequences × max_completion_length
+    (dr_grpo), counting only rows and tokens that enter the loss.
+    """
+    _check_loss_options(loss_type, "k3", guided, "token", max_completion_length)
+    chex.assert_rank(mask, 2)
+    if guided_mask is not None:
+        chex.assert_equal_shape([mask, guided_mask])
+    loss_tokens, _ = _token_masks(mask, guided_mask, guided)
+    return _normalizer_from_loss_tokens(loss_type, loss_tokens, max_completion_length)
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kl: str = "k3") -> jax.Array:
+    """Per-token estimator of KL(policy || reference) from sampled-token log-probs, [B, T].
+
+    k1 = log p - log q;  k2 = (log p - log q)^2 / 2;  k3 = q/p - log(q/p) - 1 (Schulman's
+    unbiased, non-negative estimator, the one GRPO uses).
+    """
+    _check_option("kl", kl, KL_ESTIMATORS)
+    log_ratio = logprobs - ref_logprobs  # [B, T]  log(p / q)
+    if kl == "k1":
+        return log_ratio
+    if kl == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    return jnp.exp(-log_ratio) + log_ratio - 1.0
+
+
+def _masked_sequence_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per-row weighted mean [B] of values [B, T]; 0 for rows with no weight."""
+    return _safe_divide((values * weights).sum(axis=1), weights.sum(axis=1))
+
+
+def policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    ref_logprobs: Optional[jax.Array],
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.04,
+    kl: str = "k3",
+    guided_mask: Optional[jax.Array] = None,
+    guided: str = "train",
+    max_completion_length: Optional[int] = None,
+    importance_level: str = "token",
+    shaping_gamma: float = 0.1,
+    log_ratio_clamp: float = 20.0,
+    normalizer: Optional[jax.Array] = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped GRPO surrogate loss (to minimise) with an optional KL penalty, and its metrics.
+
+    Args:
+      logprobs, old_logprobs, ref_logprobs: [B, T] log-probs of the completion tokens under the
+        policy being trained, the policy that sampled them and the frozen reference.
+        `ref_logprobs` may be None when `beta == 0` (the KL metric is then 0).
+      advantages: [B], one per sequence.
+      mask: [B, T], 1 on completion tokens.
+      loss_type: how per-token losses are reduced, one of LOSS_TYPES (see module docstring).
+      epsilon_low, epsilon_high: the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high].
+      beta: weight of the per-token KL term; 0 skips it. Keep it a Python number under jit.
+      kl: KL estimator, one of KL_ESTIMATORS.
+      guided_mask: [B, T], 1 on tokens forced from a guidance trajectory; None = no guidance.
+      guided: treatment of guided tokens, one of GUIDED_MODES.
+      max_completion_length: the constant length of the `dr_grpo` normaliser.
+      importance_level: `token` (PPO/GRPO) or `sequence` (GSPO: the masked mean of the token
+        log-ratios of a sequence, shared by all its tokens; guided tokens under `shaping` have no
+        ratio and are left out of that mean).
+      shaping_gamma: γ of the `shaping` weight p / (p + γ).
+      log_ratio_clamp: the log importance weight is clamped to ±this before exp, for safety.
+      normalizer: the loss denominator; None computes it from these inputs (full-batch use).
+        Pass `loss_normalizer(...)` of the global batch when this call sees one micro-batch.
+
+    Returns:
+      (loss, metrics). metrics["loss"] equals loss. The other metrics describe this call's rows:
+      `kl` and `clip_ratio/{low,high,region}` are means over loss tokens (low: ratio below
+      1 - epsilon_low with A < 0, high: ratio above 1 + epsilon_high with A > 0; guided tokens
+      under `shaping` are never clipped); `guided_token_share` is the guided fraction of
+      completion tokens; `advantage/{mean,std}` (population std) and
+      `completion_length/{mean,min,max}` run over rows with at least one completion token;
+      `num_loss_tokens`, `num_completion_tokens` and `num_sequences` are the counts behind them.
+      `combine_metrics` merges the metrics of micro-batches exactly.
+    """
+    _check_loss_options(loss_type, kl, guided, importance_level, max_completion_length)
+    chex.assert_rank([logprobs, mask, advantages], [2, 2, 1])
+    chex.assert_equal_shape([logprobs, old_logprobs, mask])
+    chex.assert_equal_shape_prefix([logprobs, advantages], 1)
+    if guided_mask is not None:
+        chex.assert_equal_shape([logprobs, guided_mask])
+    skip_kl = isinstance(beta, (int, float)) and beta == 0
+    if ref_logprobs is None and not skip_kl:
+        raise ValueError(f"ref_logprobs=None needs beta=0 (no KL term); got beta={beta}")
+    if ref_logprobs is not None:
+        chex.assert_equal_shape([logprobs, ref_logprobs])
+
+    logprobs = _float(logprobs)
+    advantages = _float(advantages)
+    loss_tokens, guide = _token_masks(mask, guided_mask, guided)  # [B, T] each
+    is_loss_token = loss_tokens > 0
+    shaped = (guide > 0) & is_loss_token if guided == "shaping" else jnp.zeros_like(is_loss_token)
+    ratio_tokens = is_loss_token & ~shaped  # [B, T] tokens with an importance ratio
+
+    # Padding positions may hold arbitrary values: zero them before exp so no NaN can leak.
+    token_log_ratio = jnp.where(ratio_tokens, logprobs - _float(old_logprobs), 0.0)  # [B, T]
+    if importance_level == "sequence":
+        sequence_log_ratio = _masked_sequence_mean(token_log_ratio, ratio_tokens.astype(jnp.float32))
+        log_weight = jnp.broadcast_to(sequence_log_ratio[:, None], token_log_ratio.shape)  # [B, T]
+    else:
+        log_weight = token_log_ratio
+    ratio = jnp.exp(jnp.clip(log_weight, -log_ratio_clamp, log_ratio_clamp))  # [B, T]
+    clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    adv = advantages[:, None]  # [B, 1]
+    # Pessimistic bound: the min of the two surrogates, for either sign of the advantage.
+    objective = jnp.minimum(ratio * adv, clipped_ratio * adv)  # [B, T]
+    if guided == "shaping":
+        prob = jnp.exp(jnp.where(shaped, logprobs, 0.0))
+        objective = jnp.where(shaped, adv * prob / (prob + shaping_gamma), objective)
+    per_token_loss = -objective
+
+    if ref_logprobs is not None:
+        # Both sides zeroed off the loss tokens, so padding gives a KL of exactly 0.
+        per_token_kl = kl_penalty(
+            jnp.where(is_loss_token, logprobs, 0.0), jnp.where(is_loss_token, _float(ref_logprobs), 0.0), kl
+        )  # [B, T]
+        if not skip_kl:
+            per_token_loss = per_token_loss + beta * per_token_kl
+    else:
+        per_token_kl = jnp.zeros_like(logprobs)
+    per_token_loss = jnp.where(is_loss_token, per_token_loss, 0.0)  # [B, T]
+
+    if loss_type == "grpo":
+        numerator = _masked_sequence_mean(per_token_loss, loss_tokens).sum()
+    else:
+        numerator = per_token_loss.sum()
+    if normalizer is None:
+        normalizer = _normalizer_from_loss_tokens(loss_type, loss_tokens, max_completion_length)
+    loss = _safe_divide(numerator, jnp.asarray(normalizer, jnp.float32))
+
+    low = ratio_tokens & (ratio < 1.0 - epsilon_low) & (adv < 0)
+    high = ratio_tokens & (ratio > 1.0 + epsilon_high) & (adv > 0)
+    metrics = _loss_metrics(
+        loss=loss,
+        per_token_kl=per_token_kl,
+        clipped={"low": low, "high": high, "region": low | high},
+        loss_tokens=loss_tokens,
+        guide=guide,
+        completion=_float(mask) > 0,
+        advantages=advantages,
+    )
+    return loss, metrics
+
+
+def _loss_metrics(*, loss, per_token_kl, clipped, loss_tokens, guide, completion, advantages):
+    num_loss_tokens = loss_tokens.sum()
+    completion = completion.astype(jnp.float32)
+    num_completion_tokens = completion.sum()
+    lengths = completion.sum(axis=1)  # [B]
+    has_completion = lengths > 0  # [B]
+    num_sequences = has_completion.sum().astype(jnp.float32)
+
+    def token_mean(values):
+        return _safe_divide((values * loss_tokens).sum(), num_loss_tokens)
+
+    def sequence_mean(values):
+        return _safe_divide(jnp.where(has_completion, values, 0.0).sum(), num_sequences)
+
+    adv_mean = sequence_mean(advantages)
+    adv_var = sequence_mean(jnp.square(advantages - adv_mean))
+    metrics = {
+        "loss": loss,
+        "kl": token_mean(per_token_kl),
+        **{f"clip_ratio/{name}": token_mean(flag.astype(jnp.float32)) for name, flag in clipped.items()},
+        "guided_token_share": _safe_divide(guide.sum(), num_completion_tokens),
+        "advantage/mean": adv_mean,
+        "advantage/std": jnp.sqrt(adv_var),
+        "completion_length/mean": sequence_mean(lengths),
+        "completion_length/min": jnp.where(
+            num_sequences > 0, jnp.where(has_completion, lengths, jnp.inf).min(), 0.0
+        ),
+        "completion_length/max": jnp.where(has_completion, lengths, 0.0).max(),
+        "num_loss_tokens": num_loss_tokens,
+        "num_completion_tokens": num_completion_tokens,
+        "num_sequences": num_sequences,
+    }
+    return metrics
+
+
+def combine_metrics(per_micro_batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Exact metrics of a whole batch from the `policy_loss` metrics of its micro-batches.
+
+    `per_micro_batch` maps each key of METRIC_KEYS to an array [k] (one entry per micro-batch,
+    e.g. the stacked outputs of a `lax.scan`). Losses add up (each micro-batch must have been
+    given the global `normalizer=`); token and sequence means are re-weighted by their counts;
+    the advantage std is pooled exactly; lengths combine by min / max; counts add up.
+    """
+    missing = set(METRIC_KEYS) - set(per_micro_batch)
+    extra = set(per_micro_batch) - set(METRIC_KEYS)
+    if missing or extra:
+        raise ValueError(
+            f"per_micro_batch keys must be exactly METRIC_KEYS={METRIC_KEYS}; "
+            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
+    m = {key: jnp.asarray(value, jnp.float32) for key, value in per_micro_batch.items()}
+    chex.assert_rank(list(m.values()), 1)
+    chex.assert_equal_shape(list(m.values()))
+    counts = {key: m[key].sum() for key in _COUNTS}
+
+    def reweighted(key, count_key):
+        return _safe_divide((m[key] * m[count_key]).sum(), counts[count_key])
+
+    out = {"loss": m["loss"].sum(), **counts}
+    out.update({key: reweighted(key, "num_loss_tokens") for key in _LOSS_TOKEN_MEANS})
+    out.update({key: reweighted(key, "num_completion_tokens") for key in _COMPLETION_TOKEN_MEANS})
+    out.update({key: reweighted(key, "num_sequences") for key in _SEQUENCE_MEANS})
+    # Pooled variance: within-part sums of squares plus between-part spread of the means.
+    n = m["num_sequences"]
+    sum_squares = n * jnp.square(m["advantage/std"]) + n * jnp.square(m["advantage/mean"] - out["advantage/mean"])
+    out["advantage/std"] = jnp.sqrt(_safe_divide(sum_squares.sum(), counts["num_sequences"]))
+    present = n > 0
+    out["completion_length/min"] = jnp.where(
+        counts["num_sequences"] > 0, jnp.where(present, m["completion_length/min"], jnp.inf).min(), 0.0
+    )
+    out["completion_length/max"] = jnp.where(present, m["completion_length/max"], 0.0).max()
+    return {key: out[key] for key in METRIC_KEYS}
+
+
+# ----------------------------------------------------------------------------- entropy
+
+
+def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean over tokens of the entropy of softmax(logits), computed in float32.
+
+    logits [B, T, V] (already divided by the sampling temperature), mask [B, T]. Returns 0 when
+    the mask is empty. To combine micro-batches, weight each result by its `mask.sum()`.
+    """
+    chex.assert_rank([logits, mask], [3, 2])
+    chex.assert_equal_shape_prefix([logits, mask], 2)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    entropy = -(jnp.exp(log_probs) * log_probs).sum(axis=-1)  # [B, T]
+    weights = _float(mask) > 0
+    return _safe_divide(jnp.where(weights, entropy, 0.0).sum(), weights.sum())

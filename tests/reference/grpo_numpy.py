@@ -1,0 +1,183 @@
+"""Plain numpy / Python re-derivation of the GRPO objective, written from the formulas.
+
+Deliberately loop-based and float64 so that it shares no code or structure with
+`g2rpo_jax.grpo`. Used only by tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def group_advantages_ref(rewards, group_size, scale="group", eps=1e-4):
+    rewards = [float(r) for r in rewards]
+    all_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        if len(set(group)) == 1:
+            out.extend([0.0] * len(group))
+            continue
+        mean = sum(group) / len(group)
+        group_std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))
+        for r in group:
+            if scale == "group":
+                out.append((r - mean) / (group_std + eps))
+            elif scale == "batch":
+                out.append((r - mean) / (all_std + eps))
+            else:
+                out.append(r - mean)
+    return np.array(out)
+
+
+def _kl_value(logp, ref, kl):
+    if kl == "k1":
+        return logp - ref
+    if kl == "k2":
+        return 0.5 * (logp - ref) ** 2
+    return math.exp(ref - logp) - (ref - logp) - 1.0
+
+
+def policy_loss_ref(
+    logprobs,
+    old_logprobs,
+    ref_logprobs,
+    advantages,
+    mask,
+    *,
+    loss_type="grpo",
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    beta=0.04,
+    kl="k3",
+    guided_mask=None,
+    guided="train",
+    max_completion_length=None,
+    importance_level="token",
+    shaping_gamma=0.1,
+    log_ratio_clamp=20.0,
+):
+    """Returns (loss, metrics) with the same metric names as the library."""
+    logprobs = np.asarray(logprobs, np.float64)
+    old_logprobs = np.asarray(old_logprobs, np.float64)
+    advantages = np.asarray(advantages, np.float64)
+    num_rows, num_cols = logprobs.shape
+    if guided_mask is None:
+        guided_mask = np.zeros((num_rows, num_cols))
+
+    seq_token_losses = []  # per row: list of per-token losses of its loss tokens
+    kl_values, low_flags, high_flags = [], [], []
+    for b in range(num_rows):
+        a = advantages[b]
+        # Which tokens enter the loss, and which of those are LUFFY-shaped.
+        in_loss, is_shaped = [], []
+        for t in range(num_cols):
+            is_completion = mask[b, t] > 0
+            is_guided = is_completion and guided_mask[b, t] > 0
+            use = is_completion and not (guided == "mask" and is_guided)
+            in_loss.append(use)
+            is_shaped.append(use and guided == "shaping" and is_guided)
+        # GSPO: one log-ratio per sequence, the mean over tokens that carry a ratio.
+        ratio_log_ratios = [
+            logprobs[b, t] - old_logprobs[b, t] for t in range(num_cols) if in_loss[t] and not is_shaped[t]
+        ]
+        seq_log_ratio = sum(ratio_log_ratios) / len(ratio_log_ratios) if ratio_log_ratios else 0.0
+
+        token_losses = []
+        for t in range(num_cols):
+            if not in_loss[t]:
+                continue
+            if is_shaped[t]:
+                p = math.exp(logprobs[b, t])
+                objective = a * p / (p + shaping_gamma)
+            else:
+                if importance_level == "token":
+                    log_w = logprobs[b, t] - old_logprobs[b, t]
+                else:
+                    log_w = seq_log_ratio
+                log_w = max(-log_ratio_clamp, min(log_ratio_clamp, log_w))
+                r = math.exp(log_w)
+                r_clip = max(1.0 - epsilon_low, min(1.0 + epsilon_high, r))
+                objective = min(r * a, r_clip * a)
+                low_flags.append(1.0 if (r < 1.0 - epsilon_low and a < 0) else 0.0)
+                high_flags.append(1.0 if (r > 1.0 + epsilon_high and a > 0) else 0.0)
+            if is_shaped[t]:
+                low_flags.append(0.0)
+                high_flags.append(0.0)
+            token_loss = -objective
+            if ref_logprobs is not None:
+                kl_value = _kl_value(logprobs[b, t], float(ref_logprobs[b, t]), kl)
+                kl_values.append(kl_value)
+                token_loss += beta * kl_value
+            else:
+                kl_values.append(0.0)
+            token_losses.append(token_loss)
+        seq_token_losses.append(token_losses)
+
+    nonempty = [losses for losses in seq_token_losses if losses]
+    total_tokens = sum(len(losses) for losses in nonempty)
+    if not nonempty:
+        loss = 0.0
+    elif loss_type == "grpo":
+        loss = sum(sum(losses) / len(losses) for losses in nonempty) / len(nonempty)
+    elif loss_type in ("bnpo", "dapo"):
+        loss = sum(sum(losses) for losses in nonempty) / total_tokens
+    elif loss_type == "dr_grpo":
+        loss = sum(sum(losses) for losses in nonempty) / (len(nonempty) * max_completion_length)
+    else:
+        raise ValueError(loss_type)
+
+    def mean(values):
+        return sum(values) / len(values) if values else 0.0
+
+    lengths = [float(np.sum(np.asarray(mask[b]) > 0)) for b in range(num_rows)]
+    rows = [b for b in range(num_rows) if lengths[b] > 0]
+    row_adv = [advantages[b] for b in rows]
+    adv_mean = mean(row_adv)
+    completion_tokens = sum(lengths)
+    guided_tokens = sum(
+        1.0 for b in range(num_rows) for t in range(num_cols) if mask[b, t] > 0 and guided_mask[b, t] > 0
+    )
+    metrics = {
+        "loss": loss,
+        "kl": mean(kl_values),
+        "clip_ratio/low": mean(low_flags),
+        "clip_ratio/high": mean(high_flags),
+        "clip_ratio/region": mean([max(lo, hi) for lo, hi in zip(low_flags, high_flags)]),
+        "guided_token_share": guided_tokens / completion_tokens if completion_tokens else 0.0,
+        "advantage/mean": adv_mean,
+        "advantage/std": math.sqrt(mean([(x - adv_mean) ** 2 for x in row_adv])),
+        "completion_length/mean": mean([lengths[b] for b in rows]),
+        "completion_length/min": min([lengths[b] for b in rows], default=0.0),
+        "completion_length/max": max([lengths[b] for b in rows], default=0.0),
+        "num_loss_tokens": float(total_tokens),
+        "num_completion_tokens": completion_tokens,
+        "num_sequences": float(len(rows)),
+    }
+    return loss, metrics
+
+
+def loss_grad_fd(fn, logprobs, step=1e-6):
+    """Central finite differences of the scalar fn(logprobs) w.r.t. every entry, float64."""
+    logprobs = np.asarray(logprobs, np.float64)
+    grad = np.zeros_like(logprobs)
+    for index in np.ndindex(logprobs.shape):
+        plus, minus = logprobs.copy(), logprobs.copy()
+        plus[index] += step
+        minus[index] -= step
+        grad[index] = (fn(plus) - fn(minus)) / (2 * step)
+    return grad
+
+
+def token_entropy_ref(logits, mask):
+    logits = np.asarray(logits, np.float64)
+    values = []
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if mask[b, t] > 0:
+                z = logits[b, t] - logits[b, t].max()
+                p = np.exp(z) / np.exp(z).sum()
+                values.append(float(-(p * np.log(p)).sum()))
+    return sum(values) / len(values) if values else 0.0
