@@ -1,0 +1,378 @@
+"""Guidance schedule and guided-rollout assignment for G²RPO-A.
+
+A guided rollout starts with the first ℓ tokens of a reference reasoning trajectory forced into its
+completion; the model continues from there. This module holds
+
+* the guidance-length schedule: `GuidanceState` (a pytree of arrays that lives in the train state),
+  `init`, `update` (jittable, called once per optimizer step with the step's reward) and `length`
+  (the integer ℓ used for the next rollouts);
+* the choice of guided rollouts inside each group (`assign_guided`) and their prefixes
+  (`guides_for_rollouts`);
+* per-step logging scalars (`guidance_metrics`).
+
+Step numbering used throughout: `update` is called once after every training step; the k-th call
+(k = 1, 2, ...) sees reward r_k, the reward of rollouts generated with the length in force before
+that call, and the length it returns is used for the rollouts of step k + 1.
+
+Numerics: ℓ is kept as a float32 between updates so the multiplicative `ratio` rule never
+compounds integer truncation; `length` rounds it to the nearest integer (ties to even, as
+`jnp.round`) only when it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+MODES = ("none", "fixed", "adaptive", "ratio", "linear_decay")
+REWARD_SOURCES = ("accuracy", "total")
+
+# Window means are float32 sums; a reward closer to the mean than this (relative to
+# max(1, largest |reward| in the window)) is a tie, so rounding noise never flips a plateau.
+TIE_TOLERANCE = 1e-5
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """Default guidance section: G²RPO-A's additive adaptive rule.
+
+    Chosen values and why:
+    * alpha 0.25: two guided rollouts in a group of 8, the split of the official verl recipe (the
+      TRL fork guides 2 of 12); enough guided samples to lift sparse rewards while most of the
+      group still explores on its own.
+    * initial_length 3072, bounds [1, 3072]: the official code's start and clamp, so both rules
+      begin from full-strength guidance and may shrink it almost to nothing but not to zero.
+    * window 3: the official code compares the current reward with the two before it, i.e. a
+      window of three rewards including the current one.
+    * delta 256: a full sweep of the range takes 12 steps, about as fast as the multiplicative
+      rule moves for reward swings of ~10% per cycle.
+    * update_every 3: the official cycle length (used by `ratio` only).
+    * total_steps 1000: horizon of the `linear_decay` baseline; set it to the run's step count.
+    * reward_source "accuracy": the official code drives ℓ with the accuracy reward only.
+    """
+    cfg = ml_collections.ConfigDict()
+    cfg.mode = "adaptive"
+    cfg.alpha = 0.25
+    cfg.window = 3
+    cfg.delta = 256
+    cfg.initial_length = 3072
+    cfg.min_length = 1
+    cfg.max_length = 3072
+    cfg.update_every = 3
+    cfg.total_steps = 1000
+    cfg.reward_source = "accuracy"
+    return cfg
+
+
+_REQUIRED_KEYS = (
+    "mode", "alpha", "window", "delta", "initial_length", "min_length", "max_length",
+    "update_every", "total_steps", "reward_source",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def validate(gcfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key, its bad value and the valid options."""
+    for key in _REQUIRED_KEYS:
+        if key not in gcfg:
+            raise ValueError(f"guidance config is missing key {key!r}; required keys: {_REQUIRED_KEYS}")
+    if gcfg.mode not in MODES:
+        raise ValueError(f"guidance.mode={gcfg.mode!r} is not valid; valid modes: {MODES}")
+    if gcfg.reward_source not in REWARD_SOURCES:
+        raise ValueError(
+            f"guidance.reward_source={gcfg.reward_source!r} is not valid; valid: {REWARD_SOURCES}")
+    if not _is_number(gcfg.alpha) or not 0.0 <= gcfg.alpha <= 1.0:
+        raise ValueError(f"guidance.alpha={gcfg.alpha!r} is not valid; valid: a number in [0, 1]")
+    for key in ("delta", "initial_length", "min_length", "max_length"):
+        value = gcfg[key]
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"guidance.{key}={value!r} is not valid; valid: a finite number >= 0")
+    if gcfg.min_length > gcfg.max_length:
+        raise ValueError(
+            f"guidance.min_length={gcfg.min_length!r} is not valid; valid: at most "
+            f"guidance.max_length={gcfg.max_length!r}")
+    if gcfg.mode in ("adaptive", "ratio") and not (
+            gcfg.min_length <= gcfg.initial_length <= gcfg.max_length):
+        raise ValueError(
+            f"guidance.initial_length={gcfg.initial_length!r} is not valid for mode "
+            f"{gcfg.mode!r}; valid: within [min_length, max_length] = "
+            f"[{gcfg.min_length!r}, {gcfg.max_length!r}]")
+    if gcfg.mode == "ratio" and gcfg.min_length <= 0:
+        # ℓ · mean / r can never leave 0 once it gets there.
+        raise ValueError(
+            f"guidance.min_length={gcfg.min_length!r} is not valid for mode 'ratio'; valid: > 0")
+    if not _is_int(gcfg.window) or gcfg.window < 1:
+        raise ValueError(f"guidance.window={gcfg.window!r} is not valid; valid: an integer >= 1")
+    if not _is_int(gcfg.update_every) or gcfg.update_every < 2:
+        # A cycle needs at least one earlier reward to compare the current one with.
+        raise ValueError(
+            f"guidance.update_every={gcfg.update_every!r} is not valid; valid: an integer >= 2")
+    if not _is_int(gcfg.total_steps) or gcfg.total_steps < 1:
+        raise ValueError(
+            f"guidance.total_steps={gcfg.total_steps!r} is not valid; valid: an integer >= 1")
+
+
+@flax.struct.dataclass
+class GuidanceState:
+    """Schedule state; arrays only, so it jits, scans, shards and checkpoints like any pytree.
+
+    current_length: float32 []   ℓ before rounding.
+    step:           int32 []     number of `update` calls so far (k after the k-th call).
+    recent_rewards: float32 [R]  ring buffer of rewards; R is `reward_buffer_size(gcfg)`.
+    """
+
+    current_length: jax.Array
+    step: jax.Array
+    recent_rewards: jax.Array
+
+
+def reward_buffer_size(gcfg: ml_collections.ConfigDict) -> int:
+    """Static size of the reward buffer: the window for `adaptive`, the earlier rewards of a cycle
+    for `ratio`, and 1 (unused) otherwise, so every mode has the same pytree structure."""
+    if gcfg.mode == "adaptive":
+        return int(gcfg.window)
+    if gcfg.mode == "ratio":
+        return int(gcfg.update_every) - 1
+    return 1
+
+
+def init(gcfg: ml_collections.ConfigDict) -> GuidanceState:
+    """State before the first step: ℓ = 0 for `none`, otherwise `initial_length`."""
+    validate(gcfg)
+    start = 0.0 if gcfg.mode == "none" else float(gcfg.initial_length)
+    return GuidanceState(
+        current_length=jnp.asarray(start, dtype=jnp.float32),
+        step=jnp.asarray(0, dtype=jnp.int32),
+        recent_rewards=jnp.zeros((reward_buffer_size(gcfg),), dtype=jnp.float32),
+    )
+
+
+def length(state: GuidanceState) -> jax.Array:
+    """The ℓ to use for the next rollouts: int32 [], ℓ rounded to nearest (ties to even), >= 0."""
+    return jnp.maximum(jnp.round(state.current_length), 0.0).astype(jnp.int32)
+
+
+def _clamp(value: jax.Array, gcfg: ml_collections.ConfigDict) -> jax.Array:
+    return jnp.clip(value, jnp.float32(gcfg.min_length), jnp.float32(gcfg.max_length))
+
+
+def _adaptive_update(state: GuidanceState, reward: jax.Array, gcfg) -> GuidanceState:
+    """Step k: m = min(T, k) over r_{k-m+1..k} (r_k included); r_k > mean → ℓ − Δ, else ℓ + Δ."""
+    window = int(gcfg.window)
+    k = state.step + 1
+    rewards = state.recent_rewards.at[state.step % window].set(reward)  # [T]
+    # The buffer fills slots 0..T-1 in order, so the first min(k, T) slots hold the window.
+    num_valid = jnp.minimum(k, window)
+    valid = jnp.arange(window) < num_valid  # [T]
+    window_sum = jnp.sum(jnp.where(valid, rewards, 0.0))
+    window_mean = window_sum / num_valid.astype(jnp.float32)
+    scale = jnp.maximum(1.0, jnp.max(jnp.where(valid, jnp.abs(rewards), 0.0)))
+    above_mean = (reward - window_mean) > TIE_TOLERANCE * scale
+    delta = jnp.float32(gcfg.delta)
+    stepped = jnp.where(above_mean, state.current_length - delta, state.current_length + delta)
+    return GuidanceState(current_length=_clamp(stepped, gcfg), step=k, recent_rewards=rewards)
+
+
+def _ratio_update(state: GuidanceState, reward: jax.Array, gcfg) -> GuidanceState:
+    """Official multiplicative rule, cycles of U = update_every steps.
+
+    Step k (1-based, the k-th `update` call) has cycle position p = (k − 1) mod U. Positions
+    0..U−2 only record r_k (position 0 starts a new cycle; earlier cycles are forgotten). At
+    position U−1, i.e. at k = U, 2U, 3U, ..., the "previous ones in the cycle" are
+    r_{k−U+1}, ..., r_{k−1}; with mean their average, if r_k > 0 and mean > 0 then
+    ℓ ← clamp(ℓ · mean / r_k, min_length, max_length), otherwise ℓ is unchanged. The new ℓ is
+    used from step k + 1 on. With U = 3 this is the official schedule (global steps 1, 2 record,
+    3 updates, ...). Unlike the official code, ℓ is not truncated to an integer after every
+    update (truncation would compound); `length` rounds it when it is used.
+    """
+    cycle = int(gcfg.update_every)
+    k = state.step + 1
+    position = state.step % cycle
+    is_update_step = position == cycle - 1
+    recorded = state.recent_rewards.at[jnp.minimum(position, cycle - 2)].set(reward)  # [U-1]
+    rewards = jnp.where(is_update_step, state.recent_rewards, recorded)
+    # At an update step the buffer holds exactly the U−1 earlier rewards of this cycle.
+    previous_mean = jnp.sum(state.recent_rewards) / jnp.float32(cycle - 1)
+    can_scale = is_update_step & (reward > 0) & (previous_mean > 0)
+    safe_reward = jnp.where(reward > 0, reward, 1.0)
+    scaled = _clamp(state.current_length * (previous_mean / safe_reward), gcfg)
+    new_length = jnp.where(can_scale, scaled, state.current_length)
+    return GuidanceState(current_length=new_length, step=k, recent_rewards=rewards)
+
+
+def _linear_decay_update(state: GuidanceState, gcfg) -> GuidanceState:
+    """After k updates ℓ = initial_length · ((total_steps − min(k, total_steps)) / total_steps)."""
+    total = int(gcfg.total_steps)
+    k = state.step + 1
+    remaining = jnp.maximum(total - k, 0).astype(jnp.float32)
+    new_length = jnp.float32(gcfg.initial_length) * (remaining / jnp.float32(total))
+    return GuidanceState(current_length=new_length, step=k, recent_rewards=state.recent_rewards)
+
+
+def update(state: GuidanceState, reward: jax.Array, gcfg: ml_collections.ConfigDict) -> GuidanceState:
+    """One schedule step from this step's reward r_k (a float32 scalar; see `step_reward`).
+
+    `gcfg` is static: its values are read as Python constants while tracing, so close over it (or
+    pass a FrozenConfigDict as a static argument) when jitting. Modes:
+      none          ℓ = 0 always.
+      fixed         ℓ = initial_length always.
+      adaptive      see `_adaptive_update` (window includes r_k; ties, within TIE_TOLERANCE, grow ℓ).
+      ratio         see `_ratio_update` (updates at k = U, 2U, ...).
+      linear_decay  see `_linear_decay_update` (0 from step total_steps on).
+    """
+    validate(gcfg)
+    expected = (reward_buffer_size(gcfg),)
+    if state.recent_rewards.shape != expected:
+        raise ValueError(
+            f"state.recent_rewards has shape {state.recent_rewards.shape}, but guidance config "
+            f"(mode={gcfg.mode!r}) needs {expected}; build the state with init(gcfg)")
+    reward = jnp.asarray(reward, dtype=jnp.float32)
+    if reward.shape != ():
+        raise ValueError(f"reward must be a scalar (the step's mean reward), got shape {reward.shape}")
+    if gcfg.mode == "adaptive":
+        new_state = _adaptive_update(state, reward, gcfg)
+    elif gcfg.mode == "ratio":
+        new_state = _ratio_update(state, reward, gcfg)
+    elif gcfg.mode == "linear_decay":
+        new_state = _linear_decay_update(state, gcfg)
+    else:  # none, fixed: ℓ never moves.
+        new_state = state.replace(step=state.step + 1)
+    # Strong dtypes keep the pytree type identical across steps (lax.scan carries, checkpoints).
+    return GuidanceState(
+        current_length=new_state.current_length.astype(jnp.float32),
+        step=new_state.step.astype(jnp.int32),
+        recent_rewards=new_state.recent_rewards.astype(jnp.float32),
+    )
+
+
+def step_reward(accuracy_rewards: jax.Array, total_rewards: jax.Array, reward_source: str) -> jax.Array:
+    """r_k: the mean over all rollouts (guided and unguided) of the chosen reward; float32 []."""
+    if reward_source not in REWARD_SOURCES:
+        raise ValueError(f"reward_source={reward_source!r} is not valid; valid: {REWARD_SOURCES}")
+    chosen = accuracy_rewards if reward_source == "accuracy" else total_rewards
+    return jnp.mean(jnp.asarray(chosen, dtype=jnp.float32))
+
+
+def guided_per_group(alpha: float, group_size: int) -> int:
+    """round(alpha · G) with halves rounded up, at least 1 when alpha > 0, at most G."""
+    if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha!r} is not valid; valid: a number in [0, 1]")
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is not valid; valid: an integer >= 1")
+    if alpha == 0:
+        return 0
+    # The small nudge keeps e.g. 0.35 · 10 (3.4999999999999996 in binary) at its decimal value 3.5.
+    count = math.floor(alpha * group_size + 0.5 + 1e-9)
+    return min(max(count, 1), group_size)
+
+
+def assign_guided(rng: jax.Array, num_groups: int, group_size: int, alpha: float) -> jax.Array:
+    """Which rollouts carry a guide: bool [num_groups * group_size], rollouts of a group adjacent.
+
+    Every group gets exactly `guided_per_group(alpha, group_size)` guided rollouts, at positions
+    drawn uniformly at random and independently per group; the result is a function of `rng` only.
+    Compiled once per (num_groups, group_size); callable inside jit with all three static.
+    """
+    if not _is_int(num_groups) or num_groups < 1:
+        raise ValueError(f"num_groups={num_groups!r} is not valid; valid: an integer >= 1")
+    count = guided_per_group(alpha, group_size)
+    return _random_guided_mask(rng, int(num_groups), int(group_size), jnp.int32(count))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_guided_mask(rng: jax.Array, num_groups: int, group_size: int, count: jax.Array) -> jax.Array:
+    scores = jax.random.uniform(rng, (num_groups, group_size))  # [num_groups, G]
+    # Rank of each rollout inside its group: a random permutation, so exactly `count` ranks < count.
+    ranks = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # [num_groups, G]
+    return (ranks < count).reshape(num_groups * group_size)
+
+
+def guides_for_rollouts(
+    trajectories: Sequence[Sequence[int]], guided: Any, length: int
+) -> list[list[int]]:
+    """Guide token ids per rollout: the first `length` ids of its trajectory for guided rollouts,
+    fewer when the trajectory is shorter (never padded), and [] for unguided ones or length 0.
+
+    trajectories: one reference trajectory (token ids) per rollout, N of them.
+    guided:       bool [N], e.g. from `assign_guided`.
+    length:       ℓ, e.g. `int(guidance.length(state))`.
+    """
+    guided = np.asarray(guided)
+    if guided.shape != (len(trajectories),):
+        raise ValueError(
+            f"guided has shape {guided.shape}; it must be ({len(trajectories)},), one flag per "
+            f"trajectory")
+    length = int(np.asarray(length))
+    if length < 0:
+        raise ValueError(f"length={length!r} is not valid; valid: an integer >= 0")
+    return [
+        [int(t) for t in trajectory[:length]] if is_guided and length > 0 else []
+        for trajectory, is_guided in zip(trajectories, guided.tolist())
+    ]
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of values where mask; 0 when the mask is empty."""
+    count = jnp.sum(mask)
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1)
+
+
+def guidance_metrics(
+    guidance_length: jax.Array,
+    rewards: jax.Array,
+    advantages: jax.Array,
+    guided: jax.Array,
+    completion_mask: jax.Array,
+    guided_token_mask: jax.Array,
+) -> dict[str, jax.Array]:
+    """Per-step logging scalars (float32 []), jittable.
+
+    guidance_length:   ℓ used for this step's rollouts.
+    rewards:           [N] total (or accuracy) reward per rollout.
+    advantages:        [N] group advantages.
+    guided:            bool [N] rollouts that carried a guide.
+    completion_mask:   [N, L] 1 on completion tokens (guide + sampled, up to the first EOS).
+    guided_token_mask: [N, L] 1 on forced guide tokens.
+
+    Keys: guidance/length, guidance/guided_rollout_share, guidance/guided_token_share (guide tokens
+    over all completion tokens), guidance/reward_guided and guidance/reward_unguided (means; 0 when
+    that side has no rollouts), guidance/advantage_std (population std over all rollouts; it
+    collapses toward 0 when guidance makes whole groups uniformly right).
+    """
+    rewards = jnp.asarray(rewards, dtype=jnp.float32)
+    advantages = jnp.asarray(advantages, dtype=jnp.float32)
+    guided = jnp.asarray(guided, dtype=bool)
+    completion = jnp.asarray(completion_mask) > 0  # [N, L]
+    guide_tokens = (jnp.asarray(guided_token_mask) > 0) & completion  # [N, L]
+    num_rollouts = rewards.shape[0]
+    if advantages.shape != (num_rollouts,) or guided.shape != (num_rollouts,):
+        raise ValueError(
+            f"rewards, advantages and guided must all have shape [N]; got {rewards.shape}, "
+            f"{advantages.shape}, {guided.shape}")
+    if completion.shape != guide_tokens.shape or completion.shape[:1] != (num_rollouts,):
+        raise ValueError(
+            f"completion_mask and guided_token_mask must both have shape [N={num_rollouts}, L]; got "
+            f"{jnp.shape(completion_mask)} and {jnp.shape(guided_token_mask)}")
+    token_count = jnp.sum(completion)
+    return {
+        "guidance/length": jnp.asarray(guidance_length, dtype=jnp.float32),
+        "guidance/guided_rollout_share": jnp.mean(guided.astype(jnp.float32)),
+        "guidance/guided_token_share": (
+            jnp.sum(guide_tokens) / jnp.maximum(token_count, 1)).astype(jnp.float32),
+        "guidance/reward_guided": _masked_mean(rewards, guided).astype(jnp.float32),
+        "guidance/reward_unguided": _masked_mean(rewards, ~guided).astype(jnp.float32),
+        "guidance/advantage_std": jnp.std(advantages).astype(jnp.float32),
+    }
