@@ -107,6 +107,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], *([None] * (ndim - 1))))
 
 
+def batch_axis_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the leading batch axis is split: batches must be a multiple of this."""
+    return _axis_size(mesh, dict(rules)["batch"])
+
+
 def initialize_distributed(enabled: bool) -> None:
     """Multi-host start-up: on TPU pods and SLURM/GPU clusters jax discovers the peers itself."""
     if enabled:

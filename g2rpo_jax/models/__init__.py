@@ -13,6 +13,7 @@ from g2rpo_jax.models.qwen3 import (
     lm_head_weight,
     logits_from_hidden,
     param_logical_axes,
+    token_logprobs,
 )
 from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 
@@ -36,4 +37,5 @@ __all__ = [
     "read_config",
     "resolve_dtype",
     "save_hf",
+    "token_logprobs",
 ]

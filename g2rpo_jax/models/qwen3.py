@@ -30,23 +30,25 @@ _INIT = nn.initializers.normal(stddev=0.02)
 class KVCache(flax.struct.PyTreeNode):
     """Keys/values of every layer plus the bookkeeping needed to extend them."""
 
-    k: jax.Array  # [L, B, S, K, D]
-    v: jax.Array  # [L, B, S, K, D]
+    # One buffer per layer (not one stacked array) so each layer's update is in place inside a
+    # decode loop instead of rewriting the whole cache every step.
+    k: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, D]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
     next_position: jax.Array  # [B] int32: rotary position of each row's next token
     index: jax.Array  # [] int32: next slot to write (shared: rows are left-padded to end together)
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
 
 def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache:
     dtype = resolve_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         valid=jnp.zeros((batch, length), bool),
         next_position=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -159,7 +161,7 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    """Embeddings, decoder stack and final norm. Returns hidden states [B, T, E] and new (k, v) stacks."""
+    """Embeddings, decoder stack and final norm. Returns hidden states [B, T, E] and per-layer (k, v)."""
 
     cfg: Qwen3Config
     remat: bool = False
@@ -192,7 +194,7 @@ class Qwen3Model(nn.Module):
             new_k.append(k)
             new_v.append(v)
         x = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="norm")(x)
-        return x, (jnp.stack(new_k), jnp.stack(new_v))
+        return x, (tuple(new_k), tuple(new_v))
 
 
 def lm_head_weight(cfg: Qwen3Config, params) -> jax.Array:
@@ -274,3 +276,45 @@ def extend_cache(cfg: Qwen3Config, params, tokens: jax.Array, valid: jax.Array, 
         index=cache.index + steps,
     )
     return hidden, new_cache
+
+
+def token_logprobs(
+    cfg: Qwen3Config,
+    params,
+    hidden: jax.Array,
+    targets: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 128,
+    with_entropy: bool = False,
+):
+    """log_softmax(logits / temperature)[target] for hidden [B, T, E] and targets [B, T], in float32.
+
+    The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so neither the
+    forward nor the backward pass holds more than [B, chunk, V] logits at once (a 151k vocabulary
+    times thousands of positions would not fit otherwise). Returns [B, T] (and the entropy [B, T]).
+    """
+    chex.assert_rank(hidden, 3)
+    chex.assert_equal_shape_prefix([hidden, targets], 2)
+    batch, steps, _ = hidden.shape
+    chunk = min(chunk_size, steps)
+    padded = -steps % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, padded), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, padded)))
+    num_chunks = hidden.shape[1] // chunk
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [C, B, chunk, E]
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [C, B, chunk]
+
+    @jax.checkpoint
+    def one_chunk(h, t):
+        logits = logits_from_hidden(cfg, params, h) / temperature  # [B, chunk, V]
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
+        if not with_entropy:
+            return picked, jnp.zeros_like(picked)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return picked, log_norm - jnp.sum(probs * logits, axis=-1)
+
+    logps, entropy = jax.lax.map(lambda xs: one_chunk(*xs), (hidden_chunks, target_chunks))
+    logps = logps.swapaxes(0, 1).reshape(batch, -1)[:, :steps]
+    entropy = entropy.swapaxes(0, 1).reshape(batch, -1)[:, :steps]
+    return (logps, entropy) if with_entropy else logps

@@ -1,0 +1,177 @@
+"""The sampler against transformers' PyTorch Qwen3: greedy tokens, log-probs, sampling distribution."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from g2rpo_jax import models, sampling, sharding
+from tests.reference import hf_models
+
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17], [20], [3, 4, 5, 6, 7]]
+GUIDES = [[], [30, 31, 32], [40], [50, 51, 52, 53, 54, 55]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    path, torch_model = tiny_checkpoint
+    cfg, params = models.load_hf(path)
+    return cfg, params, torch_model
+
+
+def hf_greedy(torch_model, ids, max_new_tokens, eos_id):
+    with torch.no_grad():
+        out = torch_model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=eos_id, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def hf_logprobs(torch_model, prompt, completion, temperature):
+    """Teacher-forced log_softmax(logits / T) of each completion token under the PyTorch model."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    with torch.no_grad():
+        logits = torch_model(ids).logits[0].double() / temperature
+    logps = torch.log_softmax(logits, dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return logps[positions, torch.tensor(completion)].numpy()
+
+
+def completion(out, i):
+    return out.tokens[i, : out.lengths[i]].tolist()
+
+
+def test_greedy_equals_transformers_generate_with_and_without_guides(tiny):
+    cfg, params, torch_model = tiny
+    budget = 10
+    out = sampling.sample(cfg, params, PROMPTS, GUIDES, max_new_tokens=budget, top_k=1, eos_ids=(1,))
+    for i, (prompt, guide) in enumerate(zip(PROMPTS, GUIDES)):
+        expected = guide + hf_greedy(torch_model, prompt + guide, budget - len(guide), eos_id=1)
+        assert completion(out, i) == expected, f"row {i}"
+        np.testing.assert_array_equal(out.guided_mask[i], np.arange(budget) < len(guide))
+    assert out.guided_mask.sum() == sum(len(g) for g in GUIDES)
+
+
+def test_greedy_stops_at_eos_and_masks_the_rest(tiny):
+    cfg, params, torch_model = tiny
+    free = sampling.sample(cfg, params, PROMPTS[:1], max_new_tokens=12, top_k=1)
+    eos = int(free.tokens[0, 3])  # a token greedy decoding is known to produce
+    first = free.tokens[0].tolist().index(eos)
+    out = sampling.sample(cfg, params, PROMPTS[:1], max_new_tokens=12, top_k=1, eos_ids=(eos, 250), pad_id=0)
+    assert out.lengths[0] == first + 1
+    assert completion(out, 0) == hf_greedy(torch_model, PROMPTS[0], 12, eos_id=eos)
+    assert out.mask[0].tolist() == [1] * (first + 1) + [0] * (11 - first)
+    assert (out.tokens[0, first + 1:] == 0).all() and (out.logprobs[0, first + 1:] == 0).all()
+
+
+def test_guide_containing_eos_ends_the_row(tiny):
+    cfg, params, _ = tiny
+    out = sampling.sample(cfg, params, [[5, 6]], [[7, 1, 8]], max_new_tokens=6, top_k=1, eos_ids=(1,))
+    assert completion(out, 0) == [7, 1]
+    assert out.guided_mask[0].tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_logprobs_match_teacher_forced_pytorch(tiny):
+    cfg, params, torch_model = tiny
+    temperature = 0.7
+    out = sampling.sample(cfg, params, PROMPTS, GUIDES, max_new_tokens=9, temperature=temperature,
+                          rng=jax.random.key(3))
+    for i, prompt in enumerate(PROMPTS):
+        tokens = completion(out, i)
+        np.testing.assert_allclose(out.logprobs[i, : len(tokens)], hf_logprobs(torch_model, prompt, tokens, temperature),
+                                   atol=1e-4)
+        assert out.logprobs[i, : len(tokens)].max() < 0
+
+
+def test_same_rng_same_samples_and_rows_get_independent_noise(tiny):
+    cfg, params, _ = tiny
+    prompts = [[5, 6, 7]] * 8
+    a = sampling.sample(cfg, params, prompts, max_new_tokens=6, rng=jax.random.key(1))
+    b = sampling.sample(cfg, params, prompts, max_new_tokens=6, rng=jax.random.key(1))
+    c = sampling.sample(cfg, params, prompts, max_new_tokens=6, rng=jax.random.key(2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert len({tuple(row) for row in a.tokens}) == 8  # identical prompts, different noise per row
+    assert (a.tokens != c.tokens).any()
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory):
+    """A model with a 32-token vocabulary and peaked logits, so empirical frequencies are measurable."""
+    path = str(tmp_path_factory.mktemp("small_vocab"))
+    torch_model = hf_models.build_and_save(path, dict(hf_models.TINY, vocab_size=32), seed=5)
+    cfg, params = models.load_hf(path)
+    return cfg, params, torch_model
+
+
+def next_token_probs(torch_model, prompt, temperature):
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([prompt])).logits[0, -1].double() / temperature
+    return torch.softmax(logits, dim=-1).numpy()
+
+
+def draw(cfg, params, prompt, n, **kwargs):
+    out = sampling.sample(cfg, params, [prompt] * n, max_new_tokens=1, batch_multiple=n, **kwargs)
+    return out.tokens[:, 0]
+
+
+def test_sample_frequencies_match_softmax_over_temperature(small_vocab):
+    cfg, params, torch_model = small_vocab
+    prompt, temperature, n = [3, 9, 27], 1.5, 4000
+    tokens = draw(cfg, params, prompt, n, temperature=temperature, rng=jax.random.key(7))
+    probs = next_token_probs(torch_model, prompt, temperature)
+    empirical = np.bincount(tokens, minlength=cfg.vocab_size) / n
+    total_variation = 0.5 * np.abs(empirical - probs).sum()
+    assert total_variation < 0.04, total_variation
+    assert probs.max() < 0.9 and (probs > 0.01).sum() > 5  # the test distribution is not degenerate
+
+
+def test_top_k_and_top_p_stay_inside_their_support(small_vocab):
+    cfg, params, torch_model = small_vocab
+    prompt, n = [3, 9, 27], 4000
+    probs = next_token_probs(torch_model, prompt, 1.0)
+    order = np.argsort(-probs)
+
+    top_k = draw(cfg, params, prompt, n, top_k=5, rng=jax.random.key(8))
+    assert set(top_k) <= set(order[:5]) and len(set(top_k)) == 5
+
+    top_p = 0.6
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    nucleus = set(order[mass_before < top_p])
+    drawn = draw(cfg, params, prompt, n, top_p=top_p, rng=jax.random.key(9))
+    assert set(drawn) <= nucleus and len(set(drawn)) == len(nucleus)
+    # Within the nucleus the draw follows the renormalised distribution.
+    kept = np.array(sorted(nucleus))
+    expected = probs[kept] / probs[kept].sum()
+    empirical = np.array([(drawn == t).mean() for t in kept])
+    assert 0.5 * np.abs(expected - empirical).sum() < 0.04
+
+
+def test_sharded_batch_gives_the_same_greedy_completions(tiny):
+    cfg, params, _ = tiny
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    sharded_params = jax.device_put(params, sharding.tree_shardings(models.param_logical_axes(cfg), params, mesh))
+    single = sampling.sample(cfg, params, PROMPTS, GUIDES, max_new_tokens=8, top_k=1)
+    sharded = sampling.sample(cfg, sharded_params, PROMPTS, GUIDES, max_new_tokens=8, top_k=1, mesh=mesh)
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(guides=[[1] * 9]), r"guides\[0\] has 9 tokens but max_new_tokens=8"),
+        (dict(temperature=0.0), r"temperature=0.0 must be > 0"),
+        (dict(top_p=1.5), r"top_p=1.5"),
+        (dict(top_k=-1), r"top_k=-1"),
+        (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+    ],
+)
+def test_bad_arguments_are_named(tiny, kwargs, message):
+    cfg, params, _ = tiny
+    kwargs = dict(dict(prompts=[[5, 6]], max_new_tokens=8), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sampling.sample(cfg, params, **kwargs)
+
+
+def test_buckets_bound_the_number_of_programs():
+    assert [sampling.bucket_length(n) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
+    assert sampling.round_up(13, 8) == 16
