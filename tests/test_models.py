@@ -217,3 +217,18 @@ def test_rope_matches_closed_form():
     freqs = 1.0 / 100.0 ** (np.arange(0, 4, 2) / 4)
     np.testing.assert_allclose(np.asarray(sin)[0, 1], np.sin(3 * freqs), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(cos)[0, 1], np.cos(3 * freqs), rtol=1e-6)
+
+
+def test_random_checkpoint_with_tokenizer_loads_in_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = models.TINY_QWEN3.replace(num_layers=1)
+    models.write_random_checkpoint(str(tmp_path), cfg, seed=1)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tokenizer.eos_token_id == cfg.eos_token_id
+    loaded_cfg, params = models.load_hf(str(tmp_path))
+    assert loaded_cfg == cfg
+    reference = Qwen3ForCausalLM.from_pretrained(str(tmp_path)).eval()
+    tokens = np.asarray([tokenizer.encode("What is 1+1? \\boxed{2}")], np.int32)
+    expected = hf_models.torch_logits(reference, tokens)
+    assert relative_error(models.forward(cfg, params, jnp.asarray(tokens)), expected) < 1e-4

@@ -175,3 +175,17 @@ def test_bad_arguments_are_named(tiny, kwargs, message):
 def test_buckets_bound_the_number_of_programs():
     assert [sampling.bucket_length(n) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
     assert sampling.round_up(13, 8) == 16
+
+
+def test_sample_cli_marks_the_guided_part(tmp_path, capsys):
+    from g2rpo_jax import sample as sample_cli
+
+    cfg = models.TINY_QWEN3.replace(num_layers=1)
+    models.write_random_checkpoint(str(tmp_path), cfg)
+    status = sample_cli.main(["--checkpoint", str(tmp_path), "--prompt", "What is 3*7?", "--guide", "We multiply",
+                              "--num_samples", "2", "--max_new_tokens", "6", "--top_k", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert printed.count("=== sample") == 2
+    assert printed.count("«We multiply»") == 2  # the forced text comes back verbatim, marked
+    assert "(2 guided)" in printed  # "We multiply" is two Qwen3 tokens
