@@ -1,0 +1,485 @@
+"""The GRPO / G²RPO-A train step: one jitted function from a rollout batch to an updated state.
+
+Inside one step:
+  1. group advantages from the batch's rewards (groups are G consecutive rows);
+  2. reference log-probs (one no-grad forward of the frozen reference per micro-batch, skipped when
+     beta = 0) and, when num_iterations μ > 1, the old policy's log-probs before the first update;
+  3. μ optimizer updates, each accumulating gradients over micro-batches with `lax.scan`; every
+     micro-batch loss is divided by the normaliser of the whole batch, so the summed gradient is
+     exactly the full-batch gradient;
+  4. the guidance-schedule update from the step's mean reward, and metrics.
+
+Layout: the batch's leading axis is sharded over the mesh's batch axes (S shards). A micro-batch
+takes the same number of whole groups from every shard, so each micro-batch stays spread over all
+devices and no group is ever split (`validate_layout` checks the sizes at config time).
+
+Log-probs are those of the sampling distribution, log_softmax(logits / temperature), taken at
+completion positions from one forward over prompt + completion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from g2rpo_jax import grpo
+from g2rpo_jax import guidance as guidance_lib
+from g2rpo_jax import models
+from g2rpo_jax import optim
+from g2rpo_jax import sharding as sharding_lib
+from g2rpo_jax import train_state as train_state_lib
+from g2rpo_jax.train_state import TrainState
+
+
+@flax.struct.dataclass
+class RolloutBatch:
+    """One step's rollouts, B = number of prompts × G rows, the rollouts of a group adjacent."""
+
+    prompt_tokens: jax.Array  # int32 [B, P], left-padded
+    prompt_mask: jax.Array  # [B, P], 1 on real prompt tokens
+    completion_tokens: jax.Array  # int32 [B, L], guide tokens then sampled ones
+    completion_mask: jax.Array  # [B, L], 1 up to and including the first EOS
+    guided_mask: jax.Array  # [B, L], 1 on forced guide tokens
+    rewards: jax.Array  # float32 [B], total reward: drives the advantages
+    accuracy: jax.Array  # float32 [B], accuracy reward: may drive the guidance schedule
+    # float32 [B, L]: the sampler's log-probs, for the loop's diagnostics (zeros when not kept).
+    # The step recomputes old log-probs with the training numerics (as TRL does), so numeric
+    # differences between sampler and trainer never enter the importance ratio.
+    old_logprobs: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.rewards.shape[0]
+
+
+def make_batch(
+    prompt_tokens,
+    prompt_mask,
+    completion_tokens,
+    completion_mask,
+    rewards,
+    *,
+    accuracy=None,
+    guided_mask=None,
+    old_logprobs=None,
+) -> RolloutBatch:
+    """A host-side (numpy) RolloutBatch with canonical dtypes; missing optional fields are zeros
+    (accuracy defaults to the rewards)."""
+    completion_tokens = np.asarray(completion_tokens, np.int32)
+    rewards = np.asarray(rewards, np.float32)
+    return RolloutBatch(
+        prompt_tokens=np.asarray(prompt_tokens, np.int32),
+        prompt_mask=np.asarray(prompt_mask, np.int32),
+        completion_tokens=completion_tokens,
+        completion_mask=np.asarray(completion_mask, np.int32),
+        guided_mask=np.zeros(completion_tokens.shape, np.int32) if guided_mask is None
+        else np.asarray(guided_mask, np.int32),
+        rewards=rewards,
+        accuracy=rewards.copy() if accuracy is None else np.asarray(accuracy, np.float32),
+        old_logprobs=np.zeros(completion_tokens.shape, np.float32) if old_logprobs is None
+        else np.asarray(old_logprobs, np.float32),
+    )
+
+
+def _check_batch(batch: RolloutBatch) -> None:
+    chex.assert_rank(
+        [batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens, batch.completion_mask,
+         batch.guided_mask, batch.rewards, batch.accuracy, batch.old_logprobs],
+        [2, 2, 2, 2, 2, 1, 1, 2],
+    )
+    chex.assert_equal_shape([batch.prompt_tokens, batch.prompt_mask])
+    chex.assert_equal_shape([batch.completion_tokens, batch.completion_mask, batch.guided_mask, batch.old_logprobs])
+    chex.assert_equal_shape_prefix([batch.prompt_tokens, batch.completion_tokens, batch.rewards, batch.accuracy], 1)
+    if batch.prompt_tokens.shape[1] < 1:
+        raise ValueError("prompt_tokens has width 0; every row needs at least one prompt token")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+    """The step's settings; the defaults follow the official G²RPO-A code (TRL 0.15's GRPO)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.group_size = 8  # G rollouts per prompt
+    cfg.micro_batch_size = 0  # sequences per gradient-accumulation micro-batch; 0 = the whole batch
+    cfg.num_iterations = 1  # μ: optimizer updates per batch
+    cfg.temperature = 1.0  # the sampling temperature: training logits are divided by it
+    cfg.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    cfg.epsilon_low = 0.2
+    cfg.epsilon_high = 0.2  # > epsilon_low: DAPO's Clip-Higher
+    cfg.beta = 0.04  # KL weight; 0 skips the reference forward entirely
+    cfg.kl = "k3"  # k1 | k2 | k3
+    cfg.guided = "train"  # train | mask | shaping: how forced guide tokens enter the loss
+    cfg.shaping_gamma = 0.1
+    cfg.importance_level = "token"  # token | sequence
+    cfg.log_ratio_clamp = 20.0
+    cfg.scale_rewards = "group"  # group | batch | none
+    cfg.advantage_eps = 1e-4
+    cfg.max_completion_length = 0  # dr_grpo's constant; 0 = the batch's completion width L
+    cfg.dynamic_sampling = False  # DAPO: zero-std groups leave the loss and its normaliser
+    cfg.remat = False  # rematerialise decoder layers in the backward pass
+    cfg.logprob_chunk_size = 128  # positions per chunk of the LM-head / log-softmax
+    return cfg
+
+
+def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the key, its bad value and the valid options."""
+    options = {
+        "loss_type": grpo.LOSS_TYPES,
+        "kl": grpo.KL_ESTIMATORS,
+        "guided": grpo.GUIDED_MODES,
+        "importance_level": grpo.IMPORTANCE_LEVELS,
+        "scale_rewards": grpo.ADVANTAGE_SCALES,
+    }
+    for key, valid in options.items():
+        if step_cfg[key] not in valid:
+            raise ValueError(f"train_step.{key}={step_cfg[key]!r} is not valid; valid: {valid}")
+    for key, low in (("group_size", 1), ("num_iterations", 1), ("micro_batch_size", 0),
+                     ("max_completion_length", 0), ("logprob_chunk_size", 1)):
+        value = step_cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"train_step.{key}={value!r} is not valid; valid: an integer >= {low}")
+    if not step_cfg.temperature > 0:
+        raise ValueError(f"train_step.temperature={step_cfg.temperature!r} is not valid; valid: a number > 0")
+    for key in ("epsilon_low", "epsilon_high", "beta", "shaping_gamma", "advantage_eps"):
+        if not step_cfg[key] >= 0:
+            raise ValueError(f"train_step.{key}={step_cfg[key]!r} is not valid; valid: a number >= 0")
+    if step_cfg.scale_rewards == "group" and step_cfg.group_size < 2:
+        raise ValueError(
+            f"train_step.group_size={step_cfg.group_size} is not valid with scale_rewards='group'; "
+            "valid: >= 2 (the unbiased group std needs two rewards)"
+        )
+
+
+def batch_shard_count(mesh: Optional[Mesh], rules=sharding_lib.DEFAULT_RULES) -> int:
+    """How many pieces the batch's leading axis is cut into (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    axes = dict(rules)["batch"]
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def validate_layout(
+    batch_size: int,
+    group_size: int,
+    micro_batch_size: int,
+    mesh: Optional[Mesh] = None,
+    rules=sharding_lib.DEFAULT_RULES,
+) -> int:
+    """Checks that no batch shard and no micro-batch splits a group; returns the micro-batch count.
+
+    micro_batch_size 0 means the whole batch. Every micro-batch holds micro_batch_size / S rows of
+    each of the S batch shards, so that must be a whole number of groups.
+    """
+    if group_size < 1 or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} and group_size={group_size} must be positive integers")
+    shards = batch_shard_count(mesh, rules)
+    unit = shards * group_size  # the smallest micro-batch that keeps groups whole on every shard
+    valid_micro = [m for m in range(unit, batch_size + 1, unit) if batch_size % m == 0]
+    where = f" on {shards} batch shards" if shards > 1 else ""
+    if batch_size % group_size:
+        raise ValueError(
+            f"batch_size={batch_size} is not a multiple of group_size={group_size}: a group would be split"
+        )
+    if batch_size % unit:
+        raise ValueError(
+            f"batch_size={batch_size} cannot be cut into {shards} batch shards of whole groups of "
+            f"group_size={group_size}; use a batch_size that is a multiple of {unit} "
+            f"(shards × group_size) or a mesh with fewer batch shards"
+        )
+    micro = micro_batch_size or batch_size
+    if micro < 0 or batch_size % micro or micro % unit:
+        raise ValueError(
+            f"micro_batch_size={micro_batch_size} would split a group of group_size={group_size}"
+            f"{where} (batch_size={batch_size}); each micro-batch must be a multiple of {unit} "
+            f"that divides the batch: valid micro_batch_size values are {valid_micro} (or 0 = whole batch)"
+        )
+    return batch_size // micro
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def compute_logprobs(
+    cfg: models.Qwen3Config,
+    params,
+    batch: RolloutBatch,
+    temperature: float = 1.0,
+    *,
+    chunk_size: int = 128,
+    remat: bool = False,
+    with_entropy: bool = False,
+):
+    """log_softmax(logits / temperature) of each completion token given everything before it,
+    from one forward over prompt + completion: float32 [B, L] (and the entropy [B, L]).
+
+    The completion token j is predicted from the hidden state at position P + j − 1; the
+    left-padded prompt always ends at column P − 1, so that is a real token for j = 0.
+    """
+    prompt_width = batch.prompt_tokens.shape[1]
+    completion_width = batch.completion_tokens.shape[1]
+    tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)  # [B, P+L]
+    valid = jnp.concatenate([batch.prompt_mask > 0, batch.completion_mask > 0], axis=1)  # [B, P+L]
+    hidden = models.hidden_states(cfg, params, tokens, valid, remat=remat)  # [B, P+L, E]
+    predicting = hidden[:, prompt_width - 1: prompt_width + completion_width - 1]  # [B, L, E]
+    return models.token_logprobs(
+        cfg, params, predicting, batch.completion_tokens, temperature, chunk_size, with_entropy
+    )
+
+
+# ----------------------------------------------------------------------------- micro-batch layout
+
+
+def to_micro_batches(x: jax.Array, num_micro: int, num_shards: int, group_size: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]: micro-batch i takes the i-th run of whole groups of every shard.
+
+    With shard s holding rows [s·B/S, (s+1)·B/S), micro-batch i gets rows
+    s·B/S + i·r ... s·B/S + (i+1)·r − 1 of every shard s (r = B/(S·k) rows, a multiple of G).
+    """
+    batch = x.shape[0]
+    rows = batch // (num_shards * num_micro)
+    if rows * num_shards * num_micro != batch or rows % group_size:
+        raise ValueError(
+            f"cannot cut {batch} rows into {num_micro} micro-batches on {num_shards} shards without "
+            f"splitting groups of {group_size}; check validate_layout"
+        )
+    rest = x.shape[1:]
+    x = x.reshape(num_shards, num_micro, rows, *rest).swapaxes(0, 1)  # [k, S, r, ...]
+    return x.reshape(num_micro, num_shards * rows, *rest)  # [k, B/k, ...]
+
+
+def from_micro_batches(x: jax.Array, num_shards: int) -> jax.Array:
+    """Inverse of `to_micro_batches`: [k, B/k, ...] -> [B, ...] in the original row order."""
+    num_micro, per_micro = x.shape[:2]
+    rest = x.shape[2:]
+    rows = per_micro // num_shards
+    x = x.reshape(num_micro, num_shards, rows, *rest).swapaxes(0, 1)  # [S, k, r, ...]
+    return x.reshape(num_micro * per_micro, *rest)
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+
+def zero_std_row_mask(rewards: jax.Array, group_size: int) -> jax.Array:
+    """bool [B]: rows whose group's rewards are all equal."""
+    return jnp.repeat(grpo.zero_std_groups(rewards, group_size), group_size)
+
+
+def drop_zero_std_groups(batch: RolloutBatch, group_size: int) -> tuple[RolloutBatch, float]:
+    """Host-side DAPO filter: (the batch without its zero-std groups, the fraction dropped).
+
+    Returns numpy arrays with fewer rows (B' = kept groups × G), for a loop that keeps sampling
+    until it has filled a batch; to drop them without changing shapes, set the step's
+    `dynamic_sampling` instead.
+    """
+    rewards = np.asarray(batch.rewards, np.float64)
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards of shape {rewards.shape} cannot be cut into groups of group_size={group_size}"
+        )
+    grouped = rewards.reshape(-1, group_size)  # [B/G, G]
+    keep_group = grouped.max(axis=1) != grouped.min(axis=1)  # [B/G]
+    keep_row = np.repeat(keep_group, group_size)  # [B]
+    kept = jax.tree.map(lambda x: np.asarray(x)[keep_row], batch)
+    return kept, float(1.0 - keep_group.mean())
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def loss_options(step_cfg: ml_collections.ConfigDict, completion_width: int) -> dict:
+    """Keyword options of `grpo.policy_loss` from the step config (L: the completion width)."""
+    return dict(
+        loss_type=step_cfg.loss_type,
+        epsilon_low=float(step_cfg.epsilon_low),
+        epsilon_high=float(step_cfg.epsilon_high),
+        beta=float(step_cfg.beta),
+        kl=step_cfg.kl,
+        guided=step_cfg.guided,
+        max_completion_length=int(step_cfg.max_completion_length or completion_width),
+        importance_level=step_cfg.importance_level,
+        shaping_gamma=float(step_cfg.shaping_gamma),
+        log_ratio_clamp=float(step_cfg.log_ratio_clamp),
+    )
+
+
+def _batch_shardings(mesh: Mesh, rules) -> RolloutBatch:
+    """Leading-axis sharding over the batch axes for each field (a RolloutBatch of shardings)."""
+    ranks = dict(prompt_tokens=2, prompt_mask=2, completion_tokens=2, completion_mask=2, guided_mask=2,
+                 rewards=1, accuracy=1, old_logprobs=2)
+    return RolloutBatch(**{name: sharding_lib.batch_sharding(mesh, ndim, rules) for name, ndim in ranks.items()})
+
+
+def make_train_step(
+    model_cfg: models.Qwen3Config,
+    step_cfg: ml_collections.ConfigDict,
+    gcfg: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    mesh: Optional[Mesh] = None,
+    rules=sharding_lib.DEFAULT_RULES,
+    *,
+    donate: bool = True,
+) -> Callable[[TrainState, object, RolloutBatch], tuple[TrainState, dict]]:
+    """The jitted step `(state, ref_params, batch) -> (new state, metrics)`.
+
+    With a mesh, the state is laid out by `train_state.state_shardings`, the reference params by
+    the same rules, the batch over the batch axes, and metrics are replicated scalars; inputs are
+    moved there if they are not. `donate` lets XLA reuse the old state's buffers (the caller must
+    not touch the state passed in afterwards). `ref_params` may be None when beta = 0.
+    The batch size is checked against the layout (`validate_layout`) when the step is traced.
+    """
+    validate_config(step_cfg)
+    guidance_lib.validate(gcfg)
+    # Frozen copies: later edits of the caller's configs cannot change a step traced afterwards.
+    step_cfg = ml_collections.FrozenConfigDict(step_cfg)
+    frozen_gcfg = ml_collections.FrozenConfigDict(gcfg)
+    # Read the config once, as Python constants: they are static under jit.
+    group_size = int(step_cfg.group_size)
+    num_iterations = int(step_cfg.num_iterations)
+    temperature = float(step_cfg.temperature)
+    chunk_size = int(step_cfg.logprob_chunk_size)
+    remat = bool(step_cfg.remat)
+    use_kl = float(step_cfg.beta) != 0.0
+    dynamic_sampling = bool(step_cfg.dynamic_sampling)
+    scale_rewards = step_cfg.scale_rewards
+    advantage_eps = float(step_cfg.advantage_eps)
+    micro_batch_size = int(step_cfg.micro_batch_size)
+    num_shards = batch_shard_count(mesh, rules)
+    batch_axes = dict(rules)["batch"]
+
+    param_shardings = None
+    if mesh is not None:
+        abstract_params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
+        abstract = train_state_lib.abstract_state(abstract_params, optimizer, gcfg)
+        state_sh = train_state_lib.state_shardings(
+            abstract, optimizer, mesh, models.param_logical_axes(model_cfg), rules
+        )
+        param_shardings = state_sh.params
+
+    def constrain(x, spec):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def micro_logprobs(params, micro_batches):  # -> [k, B/k, L], no gradient
+        return jax.lax.map(
+            lambda mb: compute_logprobs(model_cfg, params, mb, temperature, chunk_size=chunk_size), micro_batches
+        )
+
+    def micro_loss(params, micro, advantages, old_logprobs, ref_logprobs, normalizer, options):
+        logprobs, entropy = compute_logprobs(
+            model_cfg, params, micro, temperature, chunk_size=chunk_size, remat=remat, with_entropy=True
+        )  # [b, L] each
+        if old_logprobs is None:  # μ = 1: the batch was sampled by these very params
+            old_logprobs = jax.lax.stop_gradient(logprobs)
+        loss, metrics = grpo.policy_loss(
+            logprobs, old_logprobs, ref_logprobs, advantages, micro.completion_mask,
+            guided_mask=micro.guided_mask, normalizer=normalizer, **options,
+        )
+        completion = (micro.completion_mask > 0).astype(jnp.float32)
+        entropy_sum = jnp.sum(jax.lax.stop_gradient(entropy) * completion)
+        return loss, (metrics, entropy_sum)
+
+    def accumulated_gradients(params, micro_batches, advantages, old_logprobs, ref_logprobs, normalizer,
+                              options):
+        """Sum over micro-batches of the gradients of the globally normalised losses."""
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def add_micro_batch(grad_sum, xs):
+            micro, adv, old, ref = xs
+            (_, (metrics, entropy_sum)), grads = grad_fn(params, micro, adv, old, ref, normalizer, options)
+            grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
+            return grad_sum, (metrics, entropy_sum)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if param_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+        grads, (per_micro, entropy_sums) = jax.lax.scan(
+            add_micro_batch, zeros, (micro_batches, advantages, old_logprobs, ref_logprobs)
+        )
+        metrics = grpo.combine_metrics(per_micro)
+        metrics["entropy"] = entropy_sums.sum() / jnp.maximum(metrics["num_completion_tokens"], 1.0)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return grads, metrics
+
+    def step(state: TrainState, ref_params, batch: RolloutBatch):
+        _check_batch(batch)
+        batch_size, completion_width = batch.completion_tokens.shape
+        num_micro = validate_layout(batch_size, group_size, micro_batch_size, mesh, rules)
+
+        def as_micro(x):  # [B, ...] -> [k, B/k, ...], each micro-batch spread over all batch shards
+            out = to_micro_batches(x, num_micro, num_shards, group_size)
+            return constrain(out, PartitionSpec(None, batch_axes))
+
+        options = loss_options(step_cfg, completion_width)
+
+        rewards = batch.rewards.astype(jnp.float32)  # [B]
+        advantages = grpo.group_advantages(rewards, group_size, scale=scale_rewards, eps=advantage_eps)  # [B]
+        zero_std_rows = zero_std_row_mask(rewards, group_size)  # [B]
+        completion_mask = batch.completion_mask  # [B, L] as sampled, for the guidance metrics
+        if dynamic_sampling:  # rows of uninformative groups count as absent (grpo's convention)
+            batch = batch.replace(completion_mask=jnp.where(zero_std_rows[:, None], 0, batch.completion_mask))
+        normalizer = grpo.loss_normalizer(
+            options["loss_type"], batch.completion_mask, options["max_completion_length"],
+            guided_mask=batch.guided_mask, guided=options["guided"],
+        )
+
+        micro_batches = jax.tree.map(as_micro, batch)
+        micro_advantages = as_micro(advantages)  # [k, B/k]
+        ref_logprobs = micro_logprobs(ref_params, micro_batches) if use_kl else None  # [k, B/k, L]
+        # μ = 1: the old policy is the current one (ratio 1, stop-gradient inside the loss).
+        old_logprobs = None if num_iterations == 1 else micro_logprobs(state.params, micro_batches)
+
+        def one_update(carry, _):
+            params, opt_state = carry
+            grads, metrics = accumulated_gradients(
+                params, micro_batches, micro_advantages, old_logprobs, ref_logprobs, normalizer, options
+            )
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            learning_rate = optim.current_learning_rate(opt_state)
+            if learning_rate is not None:
+                metrics["learning_rate"] = learning_rate
+            return (params, opt_state), metrics
+
+        (params, opt_state), per_iteration = jax.lax.scan(
+            one_update, (state.params, state.opt_state), None, length=num_iterations
+        )
+        # Loss, clip fractions, grad norm, ...: the mean over the μ updates.
+        metrics = {key: jnp.mean(value) for key, value in per_iteration.items()}
+
+        reward = guidance_lib.step_reward(batch.accuracy, rewards, frozen_gcfg.reward_source)
+        new_guidance = guidance_lib.update(state.guidance, reward, frozen_gcfg)
+        guided_rows = jnp.any(batch.guided_mask > 0, axis=1)  # [B]
+        metrics.update(guidance_lib.guidance_metrics(
+            guidance_lib.length(state.guidance), rewards, advantages, guided_rows,
+            completion_mask, batch.guided_mask,
+        ))
+        metrics["guidance/next_length"] = guidance_lib.length(new_guidance).astype(jnp.float32)
+        metrics["guidance/step_reward"] = reward
+        metrics["reward/mean"] = jnp.mean(rewards)
+        metrics["reward/std"] = jnp.std(rewards)
+        metrics["accuracy/mean"] = jnp.mean(batch.accuracy.astype(jnp.float32))
+        metrics["zero_std_group_fraction"] = jnp.mean(zero_std_rows.astype(jnp.float32))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=new_guidance)
+        return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, param_shardings if use_kl else None, _batch_shardings(mesh, rules)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=donate_argnums,
+    )

@@ -1,0 +1,368 @@
+"""The jitted GRPO train step: exact accumulation, sharding, the first-step loss and the log-probs.
+
+Every step function here is compiled once per configuration (module-level cache) on the tiny
+HF-built Qwen3 of conftest. Batches are 4 groups of G = 4 (8 on the mesh), prompt and completion
+8 tokens, left-padded prompts of varied length, varied completion lengths and guided prefixes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from jax.sharding import PartitionSpec
+
+from g2rpo_jax import guidance, models, optim, sharding, train_state, train_step
+from g2rpo_jax.grpo import policy_loss as grpo_loss
+from tests.reference.grpo_numpy import group_advantages_ref
+
+G, P, L = 4, 8, 8
+TEMPERATURE = 0.7
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Guided-token treatment per loss type in the grid, so both loss-changing modes meet accumulation.
+GUIDED_FOR = {"grpo": "train", "bnpo": "mask", "dr_grpo": "mask", "dapo": "train"}
+# The tests check program semantics, not XLA's backend optimisations, so they skip the slow ones:
+# this roughly halves compile time on 2 cores.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compile_step(step_fn, *args):
+    return step_fn.lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+def rollout_batch(num_groups: int, seed: int = 0, vocab: int = 256) -> train_step.RolloutBatch:
+    """A host batch with left-padded prompts, ragged completions, guided prefixes and mixed groups.
+
+    Group 0 has equal rewards (a zero-std group); one guided row is guided on every completion
+    token, so under guided='mask' it has no loss token at all.
+    """
+    rs = np.random.RandomState(seed)
+    batch = num_groups * G
+    prompt_len = rs.randint(1, P + 1, batch)
+    completion_len = rs.randint(1, L + 1, batch)
+    prompt_mask = (np.arange(P)[None] >= P - prompt_len[:, None]).astype(np.int32)  # [B, P]
+    completion_mask = (np.arange(L)[None] < completion_len[:, None]).astype(np.int32)  # [B, L]
+    guide_len = np.where(np.arange(batch) % G == 1, 3, 0)  # one guided rollout per group
+    guided_mask = (np.arange(L)[None] < guide_len[:, None]).astype(np.int32) * completion_mask
+    completion_mask[5, :] = 0
+    completion_mask[5, :2] = 1  # row 5 (guided, 3-token guide) is all guide tokens
+    guided_mask[5] = completion_mask[5]
+    rewards = rs.choice([0.0, 0.5, 1.0], batch).astype(np.float32)
+    rewards[:G] = 1.0
+    accuracy = (rewards == 1.0).astype(np.float32)
+    return train_step.make_batch(
+        rs.randint(2, vocab, (batch, P)) * prompt_mask, prompt_mask, rs.randint(2, vocab, (batch, L)),
+        completion_mask, rewards, accuracy=accuracy, guided_mask=guided_mask,
+    )
+
+
+def analytic_first_step_loss(batch, loss_type: str, guided: str) -> float:
+    """Ratio 1 and no KL: the loss is minus the advantage-weighted token reduction of the loss type."""
+    advantages = group_advantages_ref(batch.rewards, G)
+    tokens = np.asarray(batch.completion_mask) > 0
+    if guided == "mask":
+        tokens = tokens & ~(np.asarray(batch.guided_mask) > 0)
+    counts = tokens.sum(axis=1).astype(np.float64)  # loss tokens per row
+    present = counts > 0
+    if loss_type == "grpo":  # each present sequence's token mean of -A is -A
+        return float(-advantages[present].sum() / present.sum())
+    token_sum = float(-(advantages * counts).sum())
+    if loss_type in ("bnpo", "dapo"):
+        return token_sum / counts.sum()
+    return token_sum / (present.sum() * L)  # dr_grpo
+
+
+def step_config(**overrides):
+    cfg = train_step.get_default_config()
+    cfg.group_size = G
+    cfg.temperature = TEMPERATURE
+    cfg.beta = 0.04
+    cfg.update(overrides)
+    return cfg
+
+
+def guidance_config():
+    gcfg = guidance.get_default_config()
+    gcfg.initial_length, gcfg.delta = 64, 8
+    return gcfg
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """(cfg, params, reference params): the reference differs so the KL term has a gradient."""
+    path, torch_model = tiny_checkpoint
+    cfg, params = models.load_hf(path)
+    noise = jax.random.split(jax.random.key(7), len(jax.tree.leaves(params)))
+    leaves = [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(jax.tree.leaves(params), noise)]
+    ref_params = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    return cfg, params, ref_params, torch_model
+
+
+SGD_RATE = 1.0  # plain SGD: new params = params - gradient, so comparing params compares gradients
+
+
+_GRID_CACHE: dict = {}
+
+
+def grid_step(model, loss_type: str, micro_batch_size: int):
+    """(compiled step, fresh state, batch) for one grid point; compiled once per module."""
+    cfg, params, ref_params, _ = model
+    state = train_state.create(params, optax.sgd(SGD_RATE), guidance_config(), jax.random.key(0))
+    batch = rollout_batch(4)
+    key = (loss_type, micro_batch_size)
+    if key not in _GRID_CACHE:
+        step_cfg = step_config(loss_type=loss_type, guided=GUIDED_FOR[loss_type], micro_batch_size=micro_batch_size)
+        step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(SGD_RATE), donate=False)
+        _GRID_CACHE[key] = compile_step(step_fn, state, ref_params, batch)
+    return _GRID_CACHE[key], state, batch
+
+
+def max_abs_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_validate_layout_accepts_group_aligned_sizes():
+    assert train_step.validate_layout(16, 4, 0) == 1
+    assert train_step.validate_layout(16, 4, 4) == 4
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    assert train_step.validate_layout(32, 4, 16, mesh) == 2
+    assert train_step.validate_layout(64, 2, 8, mesh) == 8
+
+
+@pytest.mark.parametrize(
+    "batch_size,group_size,micro,mesh_axes,message",
+    [
+        (18, 4, 0, None, "batch_size=18 is not a multiple of group_size=4"),
+        (16, 4, 6, None, r"micro_batch_size=6 would split a group of group_size=4 .*\[4, 8, 16\]"),
+        (16, 4, 2, None, "micro_batch_size=2 would split a group"),
+        (16, 4, 5, None, "micro_batch_size=5"),
+        # 4 batch shards (data 2 x fsdp 2): 16 rows are 4 per shard, one group each, so a
+        # micro-batch of 8 would put half a group on every shard.
+        (16, 4, 8, {"data": 2, "fsdp": 2, "tensor": 2},
+         r"on 4 batch shards .*valid micro_batch_size values are \[16\]"),
+        (8, 4, 0, {"data": 4, "fsdp": 1, "tensor": 2}, "cannot be cut into 4 batch shards of whole groups"),
+    ],
+)
+def test_validate_layout_rejects_split_groups(batch_size, group_size, micro, mesh_axes, message):
+    mesh = None if mesh_axes is None else sharding.make_mesh(mesh_axes, jax.devices()[:8])
+    with pytest.raises(ValueError, match=message):
+        train_step.validate_layout(batch_size, group_size, micro, mesh)
+
+
+def test_split_group_is_refused_when_the_step_is_traced(model):
+    cfg, params, _, _ = model
+    step_fn = train_step.make_train_step(cfg, step_config(micro_batch_size=6, beta=0.0), guidance_config(),
+                                         optax.sgd(1.0), donate=False)
+    state = train_state.create(params, optax.sgd(1.0), guidance_config(), jax.random.key(0))
+    with pytest.raises(ValueError, match="micro_batch_size=6 would split a group"):
+        step_fn.lower(state, None, rollout_batch(4))
+
+
+def test_bad_step_config_names_key_and_options(model):
+    cfg = model[0]
+    with pytest.raises(ValueError, match=r"train_step.loss_type='ppo' is not valid; valid: \('grpo'"):
+        train_step.make_train_step(cfg, step_config(loss_type="ppo"), guidance_config(), optax.sgd(1.0))
+    with pytest.raises(ValueError, match="train_step.num_iterations=0"):
+        train_step.make_train_step(cfg, step_config(num_iterations=0), guidance_config(), optax.sgd(1.0))
+
+
+def test_micro_batch_layout_keeps_groups_whole_and_inverts():
+    rows = np.arange(32)
+    micro = train_step.to_micro_batches(rows, num_micro=2, num_shards=4, group_size=4)  # [2, 16]
+    # Micro-batch i holds the i-th group of every shard (shards are 8 consecutive rows).
+    np.testing.assert_array_equal(micro[0], [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27])
+    for part in np.asarray(micro).reshape(-1, 4):
+        assert part[0] % 4 == 0 and np.all(np.diff(part) == 1)  # a whole group, in order
+    np.testing.assert_array_equal(train_step.from_micro_batches(micro, num_shards=4), rows)
+    with pytest.raises(ValueError, match="without splitting groups of 4"):
+        train_step.to_micro_batches(rows, num_micro=4, num_shards=4, group_size=4)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def test_logprobs_match_torch_teacher_forcing(model):
+    cfg, params, _, torch_model = model
+    batch = rollout_batch(2, seed=3)
+    ours = jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE, chunk_size=3))(
+        params, batch
+    )
+    prompt_len = np.asarray(batch.prompt_mask).sum(axis=1)
+    completion_len = np.asarray(batch.completion_mask).sum(axis=1)
+    checked = 0
+    for b in range(batch.batch_size):
+        prompt = np.asarray(batch.prompt_tokens[b, P - prompt_len[b]:])
+        completion = np.asarray(batch.completion_tokens[b, : completion_len[b]])
+        tokens = torch.as_tensor(np.concatenate([prompt, completion])[None], dtype=torch.long)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(torch_model(tokens).logits[0].double() / TEMPERATURE, dim=-1).numpy()
+        expected = logprobs[prompt_len[b] - 1 + np.arange(completion_len[b]), completion]
+        np.testing.assert_allclose(np.asarray(ours[b, : completion_len[b]]), expected, atol=1e-4, rtol=0)
+        checked += completion_len[b]
+    assert checked > 20
+
+
+# ----------------------------------------------------------------------------- accumulation and the loss
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_accumulation_equals_full_batch(model, loss_type):
+    """k = 1, 2, 4 micro-batches give the same update (KL on, guided rows present, f32)."""
+    _, params, ref_params, _ = model
+    results = {}
+    for micro_batch_size in (16, 8, 4):
+        compiled, state, batch = grid_step(model, loss_type, micro_batch_size)
+        results[micro_batch_size] = compiled(state, ref_params, batch)
+    full_state, full_metrics = results[16]
+    gradient_scale = max_abs_diff(full_state.params, params)  # = max |gradient| (SGD at rate 1)
+    assert gradient_scale > 1e-3 and float(full_metrics["kl"]) > 1e-4
+    for micro_batch_size in (8, 4):
+        new_state, metrics = results[micro_batch_size]
+        assert max_abs_diff(new_state.params, full_state.params) < 1e-5 * gradient_scale
+        for key in ("loss", "grad_norm", "kl", "entropy", "num_loss_tokens", "advantage/std"):
+            np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=2e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_first_step_loss_is_the_analytic_value(model, loss_type):
+    """μ = 1: ratio 1; with the reference equal to the policy the KL term vanishes too."""
+    _, params, _, _ = model
+    compiled, state, batch = grid_step(model, loss_type, 8)
+    new_state, metrics = compiled(state, params, batch)
+    expected = analytic_first_step_loss(batch, loss_type, GUIDED_FOR[loss_type])
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5, atol=1e-7)
+    assert abs(float(metrics["kl"])) < 1e-6 and float(metrics["clip_ratio/region"]) == 0.0
+    # Bookkeeping of the same step: step counter, guidance update from mean accuracy, logging.
+    assert int(new_state.step) == 1
+    expected_guidance = guidance.update(guidance.init(guidance_config()), np.mean(batch.accuracy), guidance_config())
+    jax.tree.map(np.testing.assert_array_equal, new_state.guidance, expected_guidance)
+    assert float(metrics["guidance/length"]) == 64.0
+    assert float(metrics["guidance/next_length"]) == float(guidance.length(expected_guidance))
+    rewards = np.asarray(batch.rewards).reshape(-1, G)
+    np.testing.assert_allclose(metrics["zero_std_group_fraction"], np.mean(rewards.min(1) == rewards.max(1)))
+    np.testing.assert_allclose(metrics["entropy"] > 0, True)
+
+
+def test_dynamic_sampling_equals_dropping_zero_std_groups(model):
+    """dynamic_sampling in the step = the batch without its zero-std groups; with beta = 0 the
+    reference forward is skipped (ref_params=None) and the loss is still the analytic value."""
+    cfg, params, _, _ = model
+    batch = rollout_batch(4, seed=1)
+    kept, fraction = train_step.drop_zero_std_groups(batch, G)
+    rewards = np.asarray(batch.rewards).reshape(-1, G)
+    informative = rewards.min(1) != rewards.max(1)
+    assert fraction == 1 - informative.mean() and 0 < fraction < 1
+    assert kept.batch_size == informative.sum() * G
+    kept_rows = np.repeat(informative, G)
+    np.testing.assert_array_equal(kept.completion_tokens, np.asarray(batch.completion_tokens)[kept_rows])
+
+    step_cfg = step_config(beta=0.0, loss_type="dapo", dynamic_sampling=True, micro_batch_size=8)
+    step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(SGD_RATE), donate=False)
+    state = train_state.create(params, optax.sgd(SGD_RATE), guidance_config(), jax.random.key(0))
+    _, metrics = compile_step(step_fn, state, None, batch)(state, None, batch)
+    np.testing.assert_allclose(metrics["loss"], analytic_first_step_loss(kept, "dapo", "train"), rtol=1e-5)
+    np.testing.assert_allclose(metrics["num_loss_tokens"], np.asarray(kept.completion_mask).sum())
+    np.testing.assert_allclose(metrics["zero_std_group_fraction"], fraction)
+    assert float(metrics["kl"]) == 0.0
+
+
+def reference_two_updates(cfg, params, ref_params, batch, step_cfg, rate):
+    """μ = 2 by hand on the full batch: two SGD steps on the clipped loss, both with the old
+    log-probs of the parameters before the first one (plain jax.grad, no accumulation)."""
+    options = train_step.loss_options(step_cfg, L)
+    logprobs_of = functools.partial(train_step.compute_logprobs, cfg, batch=batch, temperature=TEMPERATURE)
+    old, ref = jax.jit(logprobs_of)(params), jax.jit(logprobs_of)(ref_params)
+    advantages = group_advantages_ref(batch.rewards, G).astype(np.float32)
+
+    def loss(p):
+        return grpo_loss(logprobs_of(p), old, ref, advantages, batch.completion_mask,
+                         guided_mask=batch.guided_mask, **options)[0]
+
+    @jax.jit
+    def sgd(p):
+        return jax.tree.map(lambda w, g: w - rate * g, p, jax.grad(loss)(p))
+
+    return sgd(sgd(params))
+
+
+def test_two_iterations_keep_old_logprobs_fixed(model):
+    """μ = 2 over k = 2 micro-batches equals two hand-made full-batch updates that share the old
+    log-probs of the starting parameters; the second update is really clipped."""
+    cfg, params, ref_params, _ = model
+    batch = rollout_batch(4, seed=2)
+    rate = 3.0  # large steps so the second update leaves the clip range
+    step_cfg = step_config(num_iterations=2, loss_type="bnpo", epsilon_high=0.28, micro_batch_size=8)
+    expected = reference_two_updates(cfg, params, ref_params, batch, step_cfg, rate)
+    step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(rate), donate=False)
+    state = train_state.create(params, optax.sgd(rate), guidance_config(), jax.random.key(0))
+    new_state, metrics = compile_step(step_fn, state, ref_params, batch)(state, ref_params, batch)
+    assert max_abs_diff(new_state.params, expected) < 1e-4 * max_abs_diff(expected, params)
+    assert float(metrics["clip_ratio/region"]) > 0.01  # mean over the 2 updates; the first has none
+    assert int(new_state.step) == 1  # one train step, two optimizer updates
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def test_sharded_step_equals_single_device(model):
+    """data=2, fsdp=2, tensor=2 versus one device: same loss, gradient (via Adam's first moment)
+    and parameters; params and moments laid out by the rules; the state is donated."""
+    cfg, params, ref_params, _ = model
+    ocfg = optim.get_default_config()
+    ocfg.learning_rate, ocfg.weight_decay, ocfg.max_grad_norm = 1e-3, 0.1, 1.0
+    optimizer = optim.make_optimizer(ocfg)
+    gcfg = guidance_config()
+    step_cfg = step_config(loss_type="dapo", micro_batch_size=16, guided="shaping")
+    batch = rollout_batch(8, seed=4)
+
+    state = train_state.create(params, optimizer, gcfg, jax.random.key(0))
+    single_fn = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=False)
+    single_state, single_metrics = compile_step(single_fn, state, ref_params, batch)(state, ref_params, batch)
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    shardings = train_state.state_shardings(
+        train_state.abstract_state(params, optimizer, gcfg), optimizer, mesh, models.param_logical_axes(cfg)
+    )
+    sharded_state = train_state.shard_state(state, shardings)
+    sharded_ref = jax.device_put(ref_params, shardings.params)
+    sharded_fn = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, mesh=mesh)
+    compiled = compile_step(sharded_fn, sharded_state, sharded_ref, batch)
+    new_state, metrics = compiled(sharded_state, sharded_ref, batch)
+    assert sharded_state.params["embedding"].is_deleted()  # donated
+
+    for key in ("loss", "grad_norm", "kl", "entropy", "clip_ratio/region", "learning_rate"):
+        np.testing.assert_allclose(metrics[key], single_metrics[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-3)
+    adam = lambda s: s.opt_state[1]  # noqa: E731  (clip, adam, decay, lr)
+    gradient_scale = max(jax.tree.leaves(jax.tree.map(lambda m: float(jnp.abs(m).max()), adam(single_state).mu)))
+    assert max_abs_diff(adam(new_state).mu, adam(single_state).mu) < 1e-5 * gradient_scale
+    # Adam's first step moves each weight by about lr; a gradient entry within rounding of 0 may
+    # move by less on one side, so params are compared at a small fraction of lr.
+    assert max_abs_diff(new_state.params, single_state.params) < 0.05 * ocfg.learning_rate
+    assert max_abs_diff(new_state.params, params) > 0.5 * ocfg.learning_rate
+
+    gate = ("layers_0", "mlp", "gate_proj", "kernel")
+    pick = lambda tree, path: functools.reduce(lambda node, key: node[key], path, tree)  # noqa: E731
+    expected_specs = {
+        gate: PartitionSpec("fsdp", "tensor"),  # (embed, mlp)
+        ("layers_1", "mlp", "down_proj", "kernel"): PartitionSpec("tensor", "fsdp"),  # (mlp, embed)
+        ("layers_0", "self_attn", "k_proj", "kernel"): PartitionSpec("fsdp", "tensor"),  # (embed, kv_heads)
+        ("embedding",): PartitionSpec("tensor", "fsdp"),  # (vocab, embed)
+        ("lm_head",): PartitionSpec("fsdp", "tensor"),  # (embed, vocab)
+        ("norm", "scale"): PartitionSpec(None),
+    }
+    for path, spec in expected_specs.items():
+        for tree in (new_state.params, adam(new_state).mu, adam(new_state).nu):
+            assert pick(tree, path).sharding.spec == spec, path
+    assert pick(new_state.params, gate).addressable_shards[0].data.shape == (32, 64)  # 64x128 over 2x2
+    for scalar in (new_state.step, adam(new_state).count, new_state.guidance.current_length, new_state.rng):
+        assert scalar.sharding.spec == PartitionSpec()
+    jax.tree.map(np.testing.assert_array_equal, new_state.guidance, single_state.guidance)
