@@ -115,7 +115,8 @@ def _guide_logprobs(cfg, params, hidden, prefill_tokens, guide_lengths, window, 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "guide_window", "temperature", "top_k", "top_p", "eos_ids", "pad_id"),
+    static_argnames=("cfg", "max_new_tokens", "guide_window", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
+                     "rows_sharding"),
 )
 def generate(
     cfg: Qwen3Config,
@@ -133,8 +134,14 @@ def generate(
     top_p: float,
     eos_ids: tuple[int, ...],
     pad_id: int,
+    rows_sharding=None,
 ):
-    """The jitted core of `sample` on padded, bucketed arrays. Returns (tokens, logprobs, mask, guided_mask)."""
+    """The jitted core of `sample` on padded, bucketed arrays. Returns (tokens, logprobs, mask, guided_mask).
+
+    rows_sharding: with a mesh, the [B, V] next-token logits are laid out batch-sharded and whole
+    along the vocabulary before drawing, because a cumulative sum along a vocabulary split over
+    devices is partitioned very badly (measured 200x slower than gathering first).
+    """
     batch, prefill_len = prefill_tokens.shape
     columns = jnp.arange(max_new_tokens)[None, :]  # [1, L]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -154,6 +161,8 @@ def generate(
     guide_has_eos = jnp.any(in_guide & is_eos(guide_tokens), axis=1)
 
     def sample_and_write(state: _LoopState, logits: jax.Array) -> _LoopState:
+        if rows_sharding is not None:
+            logits = jax.lax.with_sharding_constraint(logits, rows_sharding)
         key = jax.random.fold_in(rng, state.step)
         token = draw_tokens(logits, key, temperature, top_k, top_p)  # [B]
         column = state.lengths  # each row writes right after what it has
@@ -267,12 +276,15 @@ def sample(
         guide_lengths[i] = len(guide)
 
     arrays = (prefill, valid, guide_tokens, guide_lengths)
+    rows_sharding = None
     if mesh is not None:
         arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim)) for a in arrays)
+        rows_sharding = sharding_lib.batch_sharding(mesh, 2)
     tokens, logprobs, mask, guided_mask = generate(
         cfg, params, *arrays, rng,
         max_new_tokens=max_new_tokens, guide_window=window, temperature=float(temperature),
         top_k=int(top_k), top_p=float(top_p), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
+        rows_sharding=rows_sharding,
     )
     tokens, logprobs, mask, guided_mask = (np.asarray(x)[:batch] for x in (tokens, logprobs, mask, guided_mask))
     return SampleOutput(tokens, logprobs, mask, guided_mask, mask.sum(axis=1).astype(np.int32))
