@@ -16,11 +16,12 @@ import warnings
 from typing import Any, Callable, Mapping
 
 from g2rpo_jax.data.example import Example
+# One definition of "the final answer" for data and rewards: the last balanced \boxed{...}.
+from g2rpo_jax.rewards.math_answers import last_boxed as last_boxed_answer
 
 Record = Mapping[str, Any]
 Adapter = Callable[[Record], "Example | None"]
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K's "<<3*4=12>>" markup
 _LEVEL_NUMBER = re.compile(r"(\d+)")
 
@@ -65,40 +66,6 @@ def _prefixed_id(prefix: str, record: Record, fields: tuple[str, ...]) -> str:
     """Bare row numbers ('60') are only unique within one file, so they get the source name."""
     raw = _record_id(record, fields)
     return f"{prefix}/{raw}" if raw else ""
-
-
-def last_boxed_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced.
-
-    Escaped braces (`\\{`, `\\}`) are content, not structure, so `\\boxed{\\{1,2\\}}` gives
-    `\\{1,2\\}`. The brace-less form `\\boxed 5` gives the next whitespace-delimited token.
-    Returns None when there is no complete box.
-    """
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-    rest = text[start + len(command):]
-    if rest.startswith(" "):
-        token = rest.strip().split(maxsplit=1)
-        return token[0].rstrip("$.") if token else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    position = 0
-    while position < len(rest):
-        char = rest[position]
-        if char == "\\":
-            position += 2  # skip the escaped character, e.g. "\{"
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:position]
-        position += 1
-    return None
 
 
 def _normalize_integer(answer: str) -> str:

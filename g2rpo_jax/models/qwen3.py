@@ -32,23 +32,26 @@ class KVCache(flax.struct.PyTreeNode):
 
     # One buffer per layer (not one stacked array) so each layer's update is in place inside a
     # decode loop instead of rewriting the whole cache every step.
-    k: tuple[jax.Array, ...]  # L x [B, S, K, D]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    # Layouts chosen so both attention matmuls of a decode step read the cache in place: keys
+    # are stored transposed. With [B, S, K, D] XLA copied the whole cache every step (8x slower).
+    k: tuple[jax.Array, ...]  # L x [B, K, D, S]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, D]
     valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
     next_position: jax.Array  # [B] int32: rotary position of each row's next token
     index: jax.Array  # [] int32: next slot to write (shared: rows are left-padded to end together)
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[3]
 
 
 def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache:
     dtype = resolve_dtype(dtype or cfg.dtype)
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
+    v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+        v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
         valid=jnp.zeros((batch, length), bool),
         next_position=jnp.zeros((batch,), jnp.int32),
         index=jnp.zeros((), jnp.int32),
@@ -98,16 +101,16 @@ def _dense(cfg: Qwen3Config, features: int, axes: tuple[str, str], name: str, bi
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] -> [B, T, H, D]."""
+    """Grouped-query attention. q [B, T, H, D], k [B, K, D, S], v [B, K, S, D], mask [B, T, S] -> [B, T, H, D]."""
     batch, steps, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * head_dim**-0.5
     scores = jnp.where(mask[:, None, None], scores, _MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, steps, heads, head_dim)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # this output layout keeps v un-transposed
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -125,12 +128,13 @@ class Attention(nn.Module):
         q = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="q_norm")(q.reshape(batch, steps, heads, head_dim))
         k = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="k_norm")(k.reshape(batch, steps, kv_heads, head_dim))
         v = v.reshape(batch, steps, kv_heads, head_dim)
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        q = apply_rope(q, sin, cos)
+        k = apply_rope(k, sin, cos).transpose(0, 2, 3, 1)  # [B, K, D, T]
+        v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
         if cached_kv is not None:
             cache_k, cache_v = cached_kv
-            start = (0, write_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, write_index))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, write_index, 0))
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = _dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out.reshape(batch, steps, -1))
         return out, (k, v)
