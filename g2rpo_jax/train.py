@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ def data_state_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "data_state", f"{step}.json")
 
 
-def save(manager, state, iterator, workdir: str) -> None:
+def save(manager, state, data_state: dict, workdir: str) -> None:
     """Orbax checkpoint of the train state (async) plus the data iterator's position (JSON)."""
     step = int(jax.device_get(state.step))
     if step in manager.all_steps():
@@ -122,7 +122,7 @@ def save(manager, state, iterator, workdir: str) -> None:
     os.makedirs(os.path.join(workdir, "data_state"), exist_ok=True)
     path = data_state_path(workdir, step)
     with open(path + ".tmp", "w") as f:
-        json.dump(iterator.get_state(), f)
+        json.dump(data_state, f)
     os.replace(path + ".tmp", path)
     train_state_lib.save_checkpoint(manager, state, force=True)
     log(f"checkpoint of step {step} started (async)")
@@ -224,11 +224,13 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         eval_tasks = [evaluation.load_task(t, cfg.eval.data_root or None, int(cfg.eval.limit) or None)
                       for t in evaluation.parse_task_list(cfg.eval.tasks)]
     metrics: dict = {}
+    data_state = iterator.get_state()
     try:
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
             while int(state.step) < cfg.run.total_steps:
                 start = time.perf_counter()
                 step = int(state.step)
+                data_state = iterator.get_state()  # the position of this step's batch, for a crash
                 rows = next(iterator)
                 key = jax.random.fold_in(jax.random.key(cfg.run.seed), step)
                 assign_key, sample_key = jax.random.split(key)
@@ -248,17 +250,21 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
                     metrics_file.flush()
                 if (step + 1) % cfg.run.log_every == 0 or step == 0:
                     log(console_line(metrics))
+                data_state = iterator.get_state()
                 if (step + 1) % cfg.run.checkpoint_every == 0:
-                    save(manager, state, iterator, workdir)
+                    save(manager, state, data_state, workdir)
     except BaseException:
-        log("interrupted: saving the current state before exiting")
-        save(manager, state, iterator, workdir)
+        log("interrupted: saving the last completed step before exiting")
+        try:
+            save(manager, state, data_state, workdir)
+        except Exception as error:  # e.g. the state was donated to a step that then failed
+            log(f"could not save on the way out ({error!r}); the last periodic checkpoint stands")
         raise
     finally:
         manager.wait_until_finished()
         if pool is not None:
             pool.close()
-    save(manager, state, iterator, workdir)
+    save(manager, state, iterator.get_state(), workdir)
     manager.wait_until_finished()
     if cfg.run.save_hf_at_end:
         final = os.path.join(workdir, "final_hf")

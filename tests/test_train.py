@@ -73,3 +73,10 @@ def test_a_crash_saves_the_last_state(tmp_path, monkeypatch):
         train.train(demo_config(workdir, total_steps=3, checkpoint_every=100))
     assert os.path.isdir(workdir / "checkpoints" / "1")  # step 1 finished; it was saved on the way out
     assert os.path.isfile(workdir / "data_state" / "1.json")
+    # Resuming replays the batch of the step that failed, then goes on.
+    with open(workdir / "data_state" / "1.json") as f:
+        position_after_step_one = json.load(f)
+    train.train(demo_config(workdir, total_steps=2, checkpoint_every=100))
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
+    with open(workdir / "data_state" / "2.json") as f:
+        assert json.load(f) != position_after_step_one
