@@ -58,20 +58,47 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+_CDF_BLOCK = 128  # entries per block of the two-level inverse CDF
+
+
+def first_argmax(scores: jax.Array) -> jax.Array:
+    """Index of the first maximum per row. [B, N] -> [B] int32.
+
+    Two plain reductions; XLA's CPU argmax (a reduction carrying value and index) is ~8x slower
+    at a 32k vocabulary.
+    """
+    best = jnp.max(scores, axis=-1, keepdims=True)
+    positions = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(scores == best, positions, scores.shape[-1]), axis=-1)
+
+
 def inverse_cdf_choice(scores: jax.Array, uniforms: jax.Array) -> jax.Array:
-    """Index drawn from softmax(scores) per row using one uniform in [0, 1) per row. [B, N] -> [B]."""
+    """Index drawn from softmax(scores) per row using one uniform in [0, 1) per row. [B, N] -> [B].
+
+    Two levels: pick the block of `_CDF_BLOCK` entries by the running sum of block masses, then
+    the entry inside it. A cumulative sum over the whole vocabulary costs 7 ms per step on CPU at
+    [64, 32000]; this costs under 1 ms. Zero-weight entries (masked by top-k/top-p) are never chosen.
+    """
+    batch, size = scores.shape
     weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    cdf = jnp.cumsum(weights, axis=-1)  # [B, N]
-    threshold = uniforms * cdf[:, -1]
-    # First index whose cumulative weight exceeds the threshold; zero-weight entries can't be chosen.
-    index = jnp.sum(cdf <= threshold[:, None], axis=-1)
-    return jnp.minimum(index, scores.shape[-1] - 1)
+    blocks = jnp.pad(weights, ((0, 0), (0, -size % _CDF_BLOCK))).reshape(batch, -1, _CDF_BLOCK)  # [B, C, b]
+    block_mass = jnp.sum(blocks, axis=-1)  # [B, C]
+    mass_through = jnp.cumsum(block_mass, axis=-1)  # [B, C]
+    threshold = uniforms * mass_through[:, -1]
+    # First block whose running mass exceeds the threshold (never a zero-mass block).
+    block = jnp.minimum(jnp.sum(mass_through <= threshold[:, None], axis=-1), block_mass.shape[1] - 1)
+    mass_before = jnp.take_along_axis(mass_through - block_mass, block[:, None], axis=1)[:, 0]
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, b]
+    entry = jnp.sum(mass_before[:, None] + jnp.cumsum(inside, axis=-1) <= threshold[:, None], axis=-1)
+    # Rounding can push the threshold past the block's last entry: stay on a positive-weight one.
+    last_positive = jnp.max(jnp.where(inside > 0, jnp.arange(_CDF_BLOCK), 0), axis=-1)
+    return (block * _CDF_BLOCK + jnp.minimum(entry, last_positive)).astype(jnp.int32)
 
 
 def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Samples one token per row from logits [B, V] with temperature, top-k and top-p (nucleus)."""
     if top_k == 1:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     scores = logits / temperature
     candidates = None
     if top_k > 0 or top_p < 1.0:
@@ -84,15 +111,16 @@ def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: in
     uniforms = jax.random.uniform(key, (logits.shape[0],))
     choice = inverse_cdf_choice(scores, uniforms)
     if candidates is None:
-        return choice.astype(jnp.int32)
+        return choice
     return jnp.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def log_prob_of(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
     """log_softmax(logits / temperature)[token] per row, float32. [B, V], [B] -> [B]."""
     scaled = logits.astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(scaled, axis=-1)
+    best = jnp.max(scaled, axis=-1)
+    log_norm = best + jnp.log(jnp.sum(jnp.exp(scaled - best[:, None]), axis=-1))
+    return jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - log_norm
 
 
 def _guide_logprobs(cfg, params, hidden, prefill_tokens, guide_lengths, window, max_new_tokens, temperature):

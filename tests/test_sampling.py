@@ -1,6 +1,7 @@
 """The sampler against transformers' PyTorch Qwen3: greedy tokens, log-probs, sampling distribution."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -189,3 +190,19 @@ def test_sample_cli_marks_the_guided_part(tmp_path, capsys):
     assert printed.count("=== sample") == 2
     assert printed.count("«We multiply»") == 2  # the forced text comes back verbatim, marked
     assert "(2 guided)" in printed  # "We multiply" is two Qwen3 tokens
+
+
+def test_two_level_inverse_cdf_matches_the_distribution_across_blocks():
+    rng = np.random.RandomState(0)
+    scores = rng.normal(size=300).astype(np.float32) * 2  # spans three 128-entry blocks, the last one padded
+    scores[rng.rand(300) < 0.5] = -np.inf  # masked entries must never be drawn
+    n = 20000
+    uniforms = np.concatenate([[0.0, 1 - 1e-7], jax.random.uniform(jax.random.key(4), (n - 2,))])
+    drawn = np.asarray(sampling.inverse_cdf_choice(jnp.tile(jnp.asarray(scores), (n, 1)), jnp.asarray(uniforms)))
+    assert np.isfinite(scores[drawn]).all()
+    probs = np.exp(scores - scores[np.isfinite(scores)].max())
+    probs /= probs.sum()
+    empirical = np.bincount(drawn, minlength=300) / n
+    assert 0.5 * np.abs(empirical - probs).sum() < 0.03
+    ties = jnp.asarray([[1.0, 3.0, 3.0, -2.0]])
+    assert int(sampling.first_argmax(ties)[0]) == 1
