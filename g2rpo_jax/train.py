@@ -21,11 +21,10 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from g2rpo_jax import data, grpo, guidance, models, optim, rewards, sampling
+from g2rpo_jax import data, guidance, models, optim, rewards, sampling
 from g2rpo_jax import eval as evaluation
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax import train_state as train_state_lib
@@ -128,13 +127,10 @@ def save(manager, state, data_state: dict, workdir: str) -> None:
     log(f"checkpoint of step {step} started (async)")
 
 
-def step_metrics(step, state_metrics, batch, info, guided, length, group_size, elapsed) -> dict:
-    """One flat dict of floats for metrics.jsonl and the console."""
-    advantages = grpo.group_advantages(jnp.asarray(batch.rewards), group_size)
-    shown = guidance.guidance_metrics(length, batch.accuracy, advantages, guided, batch.completion_mask,
-                                      batch.guided_mask)
-    metrics = {"step": step, **{k: float(v) for k, v in jax.device_get(state_metrics).items()},
-               **{k: float(v) for k, v in shown.items()}}
+def step_metrics(step, state_metrics, batch, info, elapsed) -> dict:
+    """One flat dict of floats for metrics.jsonl and the console: the train step's metrics
+    (loss, clipping, KL, entropy, guidance) plus the host side (rewards, timing)."""
+    metrics = {"step": step, **{k: float(v) for k, v in jax.device_get(state_metrics).items()}}
     metrics.update({
         "reward/total": float(batch.rewards.mean()),
         **{f"reward/{name}": float(values.mean()) for name, values in info["per_kind"].items()},
@@ -240,8 +236,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
                 batch, info = collect_rollouts(cfg, model_cfg, state.params, tokenizer, prepared, rows,
                                                guided, length, sample_key, mesh, reward_scorer)
                 state, state_metrics = step_fn(state, ref_params, batch)
-                metrics = step_metrics(step + 1, state_metrics, batch, info, guided, length,
-                                       cfg.step.group_size, time.perf_counter() - start)
+                metrics = step_metrics(step + 1, state_metrics, batch, info, time.perf_counter() - start)
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                     metrics.update(periodic_eval(cfg, model_cfg, state.params, tokenizer, eval_tasks, pool, mesh,
                                                  step + 1, workdir))

@@ -460,8 +460,9 @@ def make_train_step(
         reward = guidance_lib.step_reward(batch.accuracy, rewards, frozen_gcfg.reward_source)
         new_guidance = guidance_lib.update(state.guidance, reward, frozen_gcfg)
         guided_rows = jnp.any(batch.guided_mask > 0, axis=1)  # [B]
+        # Guided vs unguided success is reported on the accuracy reward (what the schedule reads).
         metrics.update(guidance_lib.guidance_metrics(
-            guidance_lib.length(state.guidance), rewards, advantages, guided_rows,
+            guidance_lib.length(state.guidance), batch.accuracy, advantages, guided_rows,
             completion_mask, batch.guided_mask,
         ))
         metrics["guidance/next_length"] = guidance_lib.length(new_guidance).astype(jnp.float32)
