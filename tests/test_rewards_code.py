@@ -12,26 +12,13 @@ from g2rpo_jax.rewards import code_tests
 from g2rpo_jax.rewards.code_tests import build_jobs, extract_program, normalize_output
 from g2rpo_jax.rewards.pool import RewardPool, TaskFailure
 from tests.reference.rewards_reference import ref_normalize_output, ref_weighted_sum
+from tests.process_probe import processes_with
 
 LIMITS = rewards.SandboxLimits(timeout_s=3.0)
 
 
 def fenced(code: str, tag: str = "python") -> str:
     return f"Here is my solution.\n```{tag}\n{code}\n```\nDone."
-
-
-def processes_with(token: str) -> list[int]:
-    """Host processes whose command line contains `token`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if token.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 # --------------------------------------------------------------------------------------------

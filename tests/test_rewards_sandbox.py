@@ -17,6 +17,7 @@ import pytest
 
 from g2rpo_jax import rewards
 from g2rpo_jax.rewards.sandbox import SandboxLimits, resolve_isolation, run_python
+from tests.process_probe import processes_with
 
 TIMEOUT_S = 1.5
 LIMITS = SandboxLimits(timeout_s=TIMEOUT_S)
@@ -40,19 +41,6 @@ def score(program: str, tests=PASSING_TESTS, isolation: str = ACTIVE, **limit_ov
 def unique_token() -> str:
     """A sleep duration nobody else uses, recognisable in /proc/*/cmdline."""
     return f"{1000 + time.time_ns() % 10**9 / 1e9 + os.getpid() % 1000:.9f}"
-
-
-def processes_with(token: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if token.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
 
 
 # --------------------------------------------------------------------------------------------
