@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from g2rpo_jax import models, sampling
+from g2rpo_jax import data, models, sampling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,12 +46,6 @@ def encode_prompt(tokenizer, text: str, use_chat_template: bool, enable_thinking
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def stop_ids(tokenizer, cfg) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    ids |= set(cfg.eos_token_id if isinstance(cfg.eos_token_id, tuple) else (cfg.eos_token_id,))
-    return tuple(sorted(i for i in ids if i is not None))
-
-
 def render(tokenizer, guide: list[int], rest: list[int], highlight: bool) -> str:
     guided, sampled = tokenizer.decode(guide), tokenizer.decode(rest)
     if not guide:
@@ -66,8 +60,8 @@ def main(argv=None) -> int:
     tokenizer = models.load_tokenizer(args.checkpoint)
     prompt = encode_prompt(tokenizer, args.prompt, not args.no_chat_template, args.enable_thinking)
     guide = tokenizer.encode(args.guide, add_special_tokens=False) if args.guide else []
-    eos_ids = stop_ids(tokenizer, cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_ids = data.stop_token_ids(tokenizer)
+    pad_id = data.pad_token_id(tokenizer)
     print(f"[sample] loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; prompt {len(prompt)} tokens, "
           f"guide {len(guide)} tokens, stop ids {eos_ids}", file=sys.stderr)
 
