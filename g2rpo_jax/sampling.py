@@ -3,8 +3,14 @@
 A row's completion is its guide tokens (forced; may be empty) followed by sampled tokens, within a
 budget of `max_new_tokens` for both together. Guides are teacher-forced in the prefill: prompt and
 guide are concatenated and left-padded, so every row ends at the same cache slot and the decode
-loop advances all rows in lockstep. Decoding is one `lax.while_loop` that stops as soon as every
-row is finished, with all loop state in one pytree.
+loop advances all rows in lockstep.
+
+Decoding runs in a few phases, each one jitted `lax.while_loop` over the loop state (one pytree,
+donated) that stops early once every row is finished. Between phases the KV cache grows (a step
+reads the whole cache, so it should not carry empty slots) and, when at most half the rows are
+still running, the finished ones are dropped so the rest decode in a smaller batch: guided rows
+and rows that hit EOS early stop costing compute. Each row draws its noise from its own key, so
+its sample does not depend on where it sits in the batch.
 
 Tokens are drawn by inverse-CDF sampling (one uniform number per row) instead of Gumbel noise over
 the whole vocabulary, which would dominate a decode step on CPU and cost ~5x more at Qwen3's 152k
@@ -46,6 +52,7 @@ class _LoopState(flax.struct.PyTreeNode):
     lengths: jax.Array  # [B] completion tokens written so far (guide included)
     done: jax.Array  # [B]
     last_token: jax.Array  # [B] the token to feed next
+    row_keys: jax.Array  # [B] PRNG key of each row
     step: jax.Array  # [] sampled tokens so far (the same for all rows)
 
 
@@ -58,7 +65,18 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+_DECODE_PHASES = 4  # decode loops per generation, each with a longer cache than the one before
 _CDF_BLOCK = 128  # entries per block of the two-level inverse CDF
+
+
+def decode_phase_ends(max_new_tokens: int, phases: int = _DECODE_PHASES) -> list[int]:
+    """Numbers of sampled tokens at which decoding moves to a longer cache.
+
+    A decode step's cost grows with the cache it attends over (it reads all of it). Growing the
+    cache in phases, a step reads on average ~60% of what one full-length cache would cost; each
+    phase is one more copy of the decode loop to compile, so there are few.
+    """
+    return sorted({-(-max_new_tokens * j // phases) for j in range(1, phases + 1)})
 
 
 def first_argmax(scores: jax.Array) -> jax.Array:
@@ -95,8 +113,9 @@ def inverse_cdf_choice(scores: jax.Array, uniforms: jax.Array) -> jax.Array:
     return (block * _CDF_BLOCK + jnp.minimum(entry, last_positive)).astype(jnp.int32)
 
 
-def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Samples one token per row from logits [B, V] with temperature, top-k and top-p (nucleus)."""
+def draw_tokens(logits: jax.Array, uniforms: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Samples one token per row from logits [B, V] with temperature, top-k and top-p (nucleus),
+    using one uniform number in [0, 1) per row."""
     if top_k == 1:
         return first_argmax(logits)
     scores = logits / temperature
@@ -108,7 +127,6 @@ def draw_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: in
         probs = jax.nn.softmax(scores, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         scores = jnp.where(mass_before < top_p, scores, -jnp.inf)  # the best token always stays
-    uniforms = jax.random.uniform(key, (logits.shape[0],))
     choice = inverse_cdf_choice(scores, uniforms)
     if candidates is None:
         return choice
@@ -141,97 +159,124 @@ def _guide_logprobs(cfg, params, hidden, prefill_tokens, guide_lengths, window, 
     return jnp.where(columns < guide_lengths[:, None], picked, 0.0)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "guide_window", "temperature", "top_k", "top_p", "eos_ids", "pad_id",
-                     "rows_sharding"),
-)
-def generate(
-    cfg: Qwen3Config,
-    params,
-    prefill_tokens: jax.Array,  # [B, P] prompt + guide, left-padded
-    prefill_valid: jax.Array,  # [B, P]
-    guide_tokens: jax.Array,  # [B, L] guide ids at the start of each row, pad after
-    guide_lengths: jax.Array,  # [B]
-    rng: jax.Array,
-    *,
-    max_new_tokens: int,
-    guide_window: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-    rows_sharding=None,
-):
-    """The jitted core of `sample` on padded, bucketed arrays. Returns (tokens, logprobs, mask, guided_mask).
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The static sampling settings of one `sample` call."""
 
-    rows_sharding: with a mesh, the [B, V] next-token logits are laid out batch-sharded and whole
-    along the vocabulary before drawing, because a cumulative sum along a vocabulary split over
-    devices is partitioned very badly (measured 200x slower than gathering first).
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_ids: tuple[int, ...]
+
+    def is_eos(self, tokens: jax.Array) -> jax.Array:
+        return jnp.isin(tokens, jnp.asarray(self.eos_ids or (-1,), jnp.int32))
+
+
+def _sample_and_write(state: _LoopState, logits: jax.Array, settings: _Settings, rows_sharding) -> _LoopState:
+    """Draws each running row's next token from logits [B, V] and appends it with its log-prob.
+
+    rows_sharding: with a mesh, the logits are laid out batch-sharded and whole along the
+    vocabulary before drawing, because a cumulative sum along a vocabulary split over devices is
+    partitioned very badly (measured 200x slower than gathering first).
     """
-    batch, prefill_len = prefill_tokens.shape
-    columns = jnp.arange(max_new_tokens)[None, :]  # [1, L]
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    is_eos = lambda t: jnp.isin(t, eos)  # noqa: E731
+    if rows_sharding is not None:
+        logits = jax.lax.with_sharding_constraint(logits, rows_sharding)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.row_keys, state.step)
+    uniforms = jax.vmap(jax.random.uniform)(step_keys)
+    token = draw_tokens(logits, uniforms, settings.temperature, settings.top_k, settings.top_p)  # [B]
+    active = ~state.done
+    write = active[:, None] & (jnp.arange(settings.max_new_tokens)[None, :] == state.lengths[:, None])  # [B, L]
+    tokens = jnp.where(write, token[:, None], state.tokens)
+    logprob = log_prob_of(logits, token, settings.temperature)
+    logprobs = jnp.where(write, logprob[:, None], state.logprobs)
+    lengths = state.lengths + active.astype(jnp.int32)
+    done = state.done | (active & settings.is_eos(token)) | (lengths >= settings.max_new_tokens)
+    return state.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done,
+                         last_token=token, step=state.step + 1)
 
-    cache = models.init_cache(cfg, batch, prefill_len + max_new_tokens)
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_length", "guide_window", "guided_rows",
+                                             "rows_sharding"))
+def _prefill(cfg: Qwen3Config, params, prefill_tokens, prefill_valid, guide_tokens, guide_lengths, row_keys, *,
+             settings: _Settings, cache_length: int, guide_window: int, guided_rows: int,
+             rows_sharding=None) -> _LoopState:
+    """Runs prompt + guide through the model and samples the first token; returns the loop state.
+
+    prefill_tokens/prefill_valid [B, P]: prompt + guide, left-padded; guide_tokens [B, L]: guide
+    ids at the start of each row; guide_lengths [B]; row_keys [B]. Rows with a guide come first,
+    within the first `guided_rows`.
+    """
+    batch = prefill_tokens.shape[0]
+    cache = models.init_cache(cfg, batch, cache_length)
     hidden, cache = models.extend_cache(cfg, params, prefill_tokens, prefill_valid, cache)
     first_logits = models.logits_from_hidden(cfg, params, hidden[:, -1])  # [B, V]
     if guide_window:
-        guide_logps = _guide_logprobs(
-            cfg, params, hidden, prefill_tokens, guide_lengths, guide_window, max_new_tokens, temperature
-        )
+        first = slice(0, guided_rows)
+        guide_logps = _guide_logprobs(cfg, params, hidden[first], prefill_tokens[first], guide_lengths[first],
+                                      guide_window, settings.max_new_tokens, settings.temperature)
+        guide_logps = jnp.pad(guide_logps, ((0, batch - guided_rows), (0, 0)))
     else:
-        guide_logps = jnp.zeros((batch, max_new_tokens), jnp.float32)
+        guide_logps = jnp.zeros((batch, settings.max_new_tokens), jnp.float32)
+    in_guide = jnp.arange(settings.max_new_tokens)[None, :] < guide_lengths[:, None]
+    guide_has_eos = jnp.any(in_guide & settings.is_eos(guide_tokens), axis=1)
+    start = _LoopState(
+        cache=cache,
+        tokens=guide_tokens,
+        logprobs=guide_logps,
+        lengths=guide_lengths,
+        done=(guide_lengths >= settings.max_new_tokens) | guide_has_eos,
+        last_token=jnp.zeros((batch,), jnp.int32),
+        row_keys=row_keys,
+        step=jnp.zeros((), jnp.int32),
+    )
+    # The first token comes from the prefill logits; each decode iteration then runs exactly one
+    # forward whose logits are used, so no step is wasted.
+    return _sample_and_write(start, first_logits, settings, rows_sharding)
 
-    in_guide = columns < guide_lengths[:, None]
-    guide_has_eos = jnp.any(in_guide & is_eos(guide_tokens), axis=1)
 
-    def sample_and_write(state: _LoopState, logits: jax.Array) -> _LoopState:
-        if rows_sharding is not None:
-            logits = jax.lax.with_sharding_constraint(logits, rows_sharding)
-        key = jax.random.fold_in(rng, state.step)
-        token = draw_tokens(logits, key, temperature, top_k, top_p)  # [B]
-        column = state.lengths  # each row writes right after what it has
-        active = ~state.done
-        write = active[:, None] & (columns == column[:, None])  # [B, L]
-        tokens = jnp.where(write, token[:, None], state.tokens)
-        logprobs = jnp.where(write, log_prob_of(logits, token, temperature)[:, None], state.logprobs)
-        lengths = state.lengths + active.astype(jnp.int32)
-        done = state.done | (active & is_eos(token)) | (lengths >= max_new_tokens)
-        return state.replace(tokens=tokens, logprobs=logprobs, lengths=lengths, done=done,
-                             last_token=token, step=state.step + 1)
-
-    def keep_going(state: _LoopState):
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "rows_sharding"), donate_argnames=("state",))
+def _decode(cfg: Qwen3Config, params, state: _LoopState, *, settings: _Settings, rows_sharding=None) -> _LoopState:
+    """Decodes until the cache is full or every row is done."""
+    batch, cache_length = state.done.shape[0], state.cache.length
 
     def decode_step(state: _LoopState) -> _LoopState:
         hidden, cache = models.extend_cache(
             cfg, params, state.last_token[:, None], jnp.ones((batch, 1), bool), state.cache
         )
         logits = models.logits_from_hidden(cfg, params, hidden[:, 0])
-        return sample_and_write(state.replace(cache=cache), logits)
+        return _sample_and_write(state.replace(cache=cache), logits, settings, rows_sharding)
 
-    start = _LoopState(
-        cache=cache,
-        tokens=guide_tokens,
-        logprobs=guide_logps,
-        lengths=guide_lengths,
-        done=(guide_lengths >= max_new_tokens) | guide_has_eos,
-        last_token=jnp.zeros((batch,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-    )
-    # The first token comes from the prefill logits; each loop iteration then runs exactly one
-    # forward whose logits are used, so no decode step is wasted.
-    state = jax.lax.while_loop(keep_going, decode_step, sample_and_write(start, first_logits))
+    def keep_going(state: _LoopState):
+        return (state.cache.index < cache_length) & ~jnp.all(state.done)
 
-    eos_seen = is_eos(state.tokens) & (columns < state.lengths[:, None])
-    first_eos = jnp.where(jnp.any(eos_seen, axis=1), jnp.argmax(eos_seen, axis=1) + 1, max_new_tokens)
-    mask = columns < jnp.minimum(state.lengths, first_eos)[:, None]
-    tokens = jnp.where(mask, state.tokens, pad_id)
-    logprobs = jnp.where(mask, state.logprobs, 0.0)
-    return tokens, logprobs, mask.astype(jnp.int32), (mask & in_guide).astype(jnp.int32)
+    return jax.lax.while_loop(keep_going, decode_step, state)
+
+
+@functools.partial(jax.jit, static_argnames=("cache_length", "mesh"))
+def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, mesh=None) -> _LoopState:
+    """The loop state with room for `cache_length` cache slots, of the given rows only (all rows
+    when `rows` is None). Every array leaf is batch-major."""
+    state = state.replace(cache=models.grow_cache(state.cache, cache_length))
+    if rows is None:
+        return state
+
+    def take(x):
+        if x.ndim == 0:
+            return x
+        x = jnp.take(x, rows, axis=0)
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim))
+
+    return jax.tree.map(take, state)
+
+
+def _smaller_batch(done: np.ndarray, multiple: int) -> int:
+    """The batch size to continue with: halved while the running rows still fit (a multiple of
+    `multiple`, so the mesh still divides it); halving bounds the number of compiled programs."""
+    size, running = done.shape[0], int((~done).sum())
+    while size % (2 * multiple) == 0 and size // 2 >= running:
+        size //= 2
+    return size
 
 
 def _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k):
@@ -289,6 +334,10 @@ def sample(
     longest_guide = max(len(g) for g in guides)
     prefill_len = bucket_length(max(len(p) + len(g) for p, g in zip(prompts, guides)))
     window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide else 0
+    # Guided rows go first, so the guide log-probs' vocabulary projection covers only them.
+    order = sorted(range(batch), key=lambda i: not guides[i])
+    num_guided = sum(1 for g in guides if g)
+    guided_rows = min(padded_batch, round_up(bucket_length(num_guided, 1), multiple)) if num_guided else 0
 
     prefill = np.full((padded_batch, prefill_len), pad_id, np.int32)
     valid = np.zeros((padded_batch, prefill_len), bool)
@@ -296,23 +345,67 @@ def sample(
     # Filler rows: a one-token prompt whose "guide" already fills the budget, so they never decode.
     guide_lengths = np.full((padded_batch,), max_new_tokens, np.int32)
     prefill[batch:, -1], valid[batch:, -1] = pad_id, True
-    for i, (prompt, guide) in enumerate(zip(prompts, guides)):
+    for i, (prompt, guide) in enumerate(zip((prompts[j] for j in order), (guides[j] for j in order))):
         row = list(prompt) + guide
         prefill[i, prefill_len - len(row):] = row
         valid[i, prefill_len - len(row):] = True
         guide_tokens[i, : len(guide)] = guide
         guide_lengths[i] = len(guide)
 
-    arrays = (prefill, valid, guide_tokens, guide_lengths)
+    settings = _Settings(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids))
+    # A row's noise comes from its index in `prompts`, wherever it sits in the batch.
+    row_ids = np.concatenate([order, np.arange(batch, padded_batch)]).astype(np.int32)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(row_ids))
+    arrays = (prefill, valid, guide_tokens, guide_lengths, row_keys)
     rows_sharding = None
     if mesh is not None:
         arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim)) for a in arrays)
         rows_sharding = sharding_lib.batch_sharding(mesh, 2)
-    tokens, logprobs, mask, guided_mask = generate(
-        cfg, params, *arrays, rng,
-        max_new_tokens=max_new_tokens, guide_window=window, temperature=float(temperature),
-        top_k=int(top_k), top_p=float(top_p), eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id),
-        rows_sharding=rows_sharding,
+
+    # Sampled token s is fed back into cache slot prefill_len + s - 1, so a phase that ends after
+    # `end` sampled tokens needs prefill_len + end - 1 slots.
+    cache_lengths = [prefill_len + end - 1 for end in decode_phase_ends(max_new_tokens)]
+    state = _prefill(cfg, params, *arrays, settings=settings, cache_length=cache_lengths[0], guide_window=window,
+                     guided_rows=guided_rows, rows_sharding=rows_sharding)
+    tokens = np.zeros((padded_batch, max_new_tokens), np.int32)
+    logprobs = np.zeros((padded_batch, max_new_tokens), np.float32)
+    lengths = np.zeros((padded_batch,), np.int32)
+    state_rows = np.arange(padded_batch)  # the input row held by each row of the loop state
+
+    def collect(state: _LoopState):
+        tokens[state_rows], logprobs[state_rows], lengths[state_rows] = jax.device_get(
+            (state.tokens, state.logprobs, state.lengths))
+
+    for cache_length in cache_lengths:
+        done = np.asarray(state.done)
+        if done.all():
+            break
+        keep = None
+        size = _smaller_batch(done, multiple)
+        if size < done.shape[0]:
+            collect(state)  # the finished rows are final now
+            keep = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:size]
+            state_rows = state_rows[keep]
+            keep = jnp.asarray(keep)
+        if keep is not None or cache_length > state.cache.length:
+            state = _resize(state, keep, cache_length=cache_length, mesh=mesh)
+        state = _decode(cfg, params, state, settings=settings, rows_sharding=rows_sharding)
+    collect(state)
+    back = np.argsort(order)  # batch position of each input row
+    return _finish(tokens[back], logprobs[back], lengths[back], guide_lengths[back], settings.eos_ids, pad_id)
+
+
+def _finish(tokens, logprobs, lengths, guide_lengths, eos_ids, pad_id) -> SampleOutput:
+    """Masks everything after each row's first EOS (host side)."""
+    columns = np.arange(tokens.shape[1])[None, :]
+    eos_seen = np.isin(tokens, eos_ids) & (columns < lengths[:, None])
+    first_eos = np.where(eos_seen.any(axis=1), eos_seen.argmax(axis=1) + 1, tokens.shape[1])
+    mask = columns < np.minimum(lengths, first_eos)[:, None]
+    guided_mask = mask & (columns < guide_lengths[:, None])
+    return SampleOutput(
+        tokens=np.where(mask, tokens, pad_id).astype(np.int32),
+        logprobs=np.where(mask, logprobs, 0.0).astype(np.float32),
+        mask=mask.astype(np.int32),
+        guided_mask=guided_mask.astype(np.int32),
+        lengths=mask.sum(axis=1).astype(np.int32),
     )
-    tokens, logprobs, mask, guided_mask = (np.asarray(x)[:batch] for x in (tokens, logprobs, mask, guided_mask))
-    return SampleOutput(tokens, logprobs, mask, guided_mask, mask.sum(axis=1).astype(np.int32))

@@ -101,16 +101,19 @@ def test_left_padded_forward_matches_unpadded_rows(tiny_checkpoint):
 
 
 def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
+    """Prefill, then one token at a time, growing the cache half-way as the sampler does."""
     path, _ = tiny_checkpoint
     cfg, params = models.load_hf(path)
     prompts = [list(random_tokens(cfg.vocab_size, (n,), seed=10 + n)) for n in (2, 6, 4)]
     continuation = random_tokens(cfg.vocab_size, (3, 5), seed=99)
     tokens, valid = left_pad(prompts)
-    cache = models.init_cache(cfg, batch=3, length=tokens.shape[1] + continuation.shape[1] + 3)
+    cache = models.init_cache(cfg, batch=3, length=tokens.shape[1] + 2)
     extend = jax.jit(lambda p, t, v, c: models.extend_cache(cfg, p, t, v, c))
     hidden, cache = extend(params, jnp.asarray(tokens), jnp.asarray(valid), cache)
     step_logits = [models.logits_from_hidden(cfg, params, hidden[:, -1])]
     for step in range(continuation.shape[1]):
+        if step == 2:
+            cache = models.grow_cache(cache, tokens.shape[1] + continuation.shape[1] + 3)
         hidden, cache = extend(params, jnp.asarray(continuation[:, step:step + 1]), jnp.ones((3, 1), bool), cache)
         step_logits.append(models.logits_from_hidden(cfg, params, hidden[:, -1]))
     step_logits = np.stack([np.asarray(x) for x in step_logits], axis=1)  # [B, steps + 1, V]
@@ -118,6 +121,16 @@ def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
         full = np.asarray(models.forward(cfg, params, jnp.asarray([prompt + list(continuation[i])])))[0]
         expected = full[len(prompt) - 1:]
         np.testing.assert_allclose(step_logits[i], expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_grow_cache_refuses_to_shrink(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    cfg, _ = models.load_hf(path)
+    cache = models.init_cache(cfg, batch=1, length=8)
+    assert models.grow_cache(cache, 8) is cache
+    assert models.grow_cache(cache, 12).valid.shape == (1, 12)
+    with pytest.raises(ValueError, match="cannot shrink a cache of 8 slots to 4"):
+        models.grow_cache(cache, 4)
 
 
 def test_sharded_forward_equals_single_device(tiny_checkpoint):

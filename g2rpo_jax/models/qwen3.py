@@ -58,6 +58,30 @@ def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache
     )
 
 
+def grow_cache(cache: KVCache, length: int) -> KVCache:
+    """The same cache with room for `length` slots; the added slots are empty.
+
+    Decode loops attend over the whole cache they carry, so a generation starts with a short cache
+    and grows it between loops instead of reading a long, mostly empty one every step.
+    """
+    extra = length - cache.length
+    if extra < 0:
+        raise ValueError(f"cannot shrink a cache of {cache.length} slots to {length}")
+    if extra == 0:
+        return cache
+
+    def pad_slots(x: jax.Array, axis: int) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    return cache.replace(
+        k=tuple(pad_slots(k, 3) for k in cache.k),
+        v=tuple(pad_slots(v, 2) for v in cache.v),
+        valid=pad_slots(cache.valid, 1),
+    )
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """sin/cos of shape [B, T, D/2] in float32 for integer positions [B, T]."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -104,6 +128,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """Grouped-query attention. q [B, T, H, D], k [B, K, D, S], v [B, K, S, D], mask [B, T, S] -> [B, T, H, D]."""
     batch, steps, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    if steps == 1:
+        return _attend_one_query(q, k, v, mask)
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     scores = jnp.einsum("bkgtd,bkds->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * head_dim**-0.5
@@ -111,6 +137,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # this output layout keeps v un-transposed
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, steps, heads, head_dim)
+
+
+def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attend` for a decode step (T = 1), as multiply-and-reduce instead of batched matmuls.
+
+    A decode step is bound by reading the cache: XLA's CPU code for thousands of tiny per-head
+    matmuls reads it at about half the memory bandwidth, a fused multiply-reduce at nearly all of it.
+    """
+    batch, _, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim, 1).astype(jnp.float32)  # [B, K, G, D, 1]
+    scores = jnp.sum(q * k[:, :, None], axis=3) * head_dim**-0.5  # [B, K, G, S]
+    scores = jnp.where(mask[:, :, None, :], scores, _MASKED_SCORE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v[:, :, None], axis=3)  # [B, K, G, D]
+    return out.reshape(batch, 1, heads, head_dim).astype(v.dtype)
 
 
 class Attention(nn.Module):
