@@ -172,6 +172,12 @@ def test_sharded_batch_gives_the_same_greedy_completions(tiny):
     sharded = sampling.sample(cfg, sharded_params, PROMPTS, GUIDES, max_new_tokens=8, top_k=1, mesh=mesh)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
+    # 12 of 16 rows end in the prefill (their guide fills the budget): the sharded batch shrinks too.
+    guides = [[]] * 4 + [[40] * 8] * 12
+    single = sampling.sample(cfg, params, PROMPTS * 4, guides, max_new_tokens=8, top_k=1)
+    sharded = sampling.sample(cfg, sharded_params, PROMPTS * 4, guides, max_new_tokens=8, top_k=1, mesh=mesh)
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize(
