@@ -8,6 +8,7 @@ mesh axis (or None = replicated). Changing the parallelism of a run is then a co
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,6 +35,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: all remaining devices
     cfg.rules = DEFAULT_RULES
     cfg.distributed = False  # call jax.distributed.initialize() (multi-host TPU pods / GPU clusters)
+    # Folder (or gs:// path) where compiled programs persist across runs; "" keeps them in memory only.
+    cfg.compilation_cache_dir = ""
     return cfg
 
 
@@ -122,6 +125,17 @@ def initialize_distributed(enabled: bool) -> None:
             f"({jax.devices()[0].platform}), {jax.local_device_count()} local",
             flush=True,
         )
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Keeps compiled programs in `path` so that a restarted run skips most compilation (a run
+    compiles one program per sampling shape, decode phase and batch size, plus the train step)."""
+    if not path:
+        return
+    path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.process_index() == 0:
+        print(f"[sharding] compiled programs are cached in {path}", flush=True)
 
 
 def describe(mesh: Mesh) -> str:

@@ -171,6 +171,7 @@ def console_line(m: dict) -> str:
 def train(cfg: ml_collections.ConfigDict) -> dict:
     """Runs (or resumes) a training run; returns the last step's metrics."""
     sharding_lib.initialize_distributed(cfg.mesh.distributed)
+    sharding_lib.enable_compilation_cache(cfg.mesh.compilation_cache_dir)
     workdir = os.path.abspath(cfg.run.workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

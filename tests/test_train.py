@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +82,19 @@ def test_a_crash_saves_the_last_state(tmp_path, monkeypatch):
     assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
     with open(workdir / "data_state" / "2.json") as f:
         assert json.load(f) != position_after_step_one
+
+
+def test_compilation_cache_keeps_compiled_programs(tmp_path):
+    """In a fresh process (the cache folder is process-wide state): a compiled program lands there."""
+    cache = tmp_path / "xla"
+    script = (
+        "import jax\n"
+        "from g2rpo_jax import sharding\n"
+        f"sharding.enable_compilation_cache({str(cache)!r})\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "jax.jit(lambda x: x * 2 + 1)(1.0).block_until_ready()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"compiled programs are cached in {cache}" in result.stdout
+    assert any(cache.iterdir()), "no compiled program was written"

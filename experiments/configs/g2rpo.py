@@ -103,6 +103,7 @@ def qwen3_math(cfg: ml_collections.ConfigDict) -> None:
     cfg.optim.total_steps = 500
     cfg.mesh.mesh.fsdp = -1
     cfg.mesh.mesh.data = 1
+    cfg.mesh.compilation_cache_dir = "~/.cache/g2rpo_jax/xla"
     cfg.run.eval_every = 50
     cfg.eval.tasks = "math500"
 
