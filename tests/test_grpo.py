@@ -68,8 +68,13 @@ def as_f64(inputs):
 
 
 def jax_loss(inputs, **options):
+    return call_policy_loss(grpo.policy_loss, inputs, **options)
+
+
+def call_policy_loss(loss_fn, inputs, **options):
+    """Calls `grpo.policy_loss` (or a jitted copy of it) on the numpy test inputs."""
     arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
-    return grpo.policy_loss(
+    return loss_fn(
         arrays["logprobs"],
         arrays["old_logprobs"],
         arrays["ref_logprobs"],
@@ -278,7 +283,6 @@ def test_loss_normalizer_counts_match_reference_conventions():
 def test_policy_loss_is_jittable():
     static = ("loss_type", "kl", "guided", "importance_level", "max_completion_length", "beta")
     jitted = jax.jit(grpo.policy_loss, static_argnames=static)
-    arrays = {key: jnp.asarray(value) for key, value in INPUTS.items()}
     for loss_type, guided, importance_level in [("grpo", "shaping", "sequence"), ("dr_grpo", "mask", "token")]:
         options = dict(
             loss_type=loss_type,
@@ -288,16 +292,8 @@ def test_policy_loss_is_jittable():
             beta=BETA,
             max_completion_length=MAX_LEN,
         )
-        loss, metrics = jitted(
-            arrays["logprobs"],
-            arrays["old_logprobs"],
-            arrays["ref_logprobs"],
-            arrays["advantages"],
-            arrays["mask"],
-            guided_mask=arrays["guided_mask"],
-            normalizer=jnp.float32(5.0),  # a traced normaliser, as in a micro-batch step
-            **options,
-        )
+        # A traced normaliser, as in a micro-batch step.
+        loss, metrics = call_policy_loss(jitted, INPUTS, normalizer=jnp.float32(5.0), **options)
         eager_loss, eager_metrics = jax_loss(INPUTS, normalizer=5.0, **options)
         np.testing.assert_allclose(float(loss), float(eager_loss), rtol=1e-6)
         for key in grpo.METRIC_KEYS:
