@@ -5,12 +5,16 @@ budget of `max_new_tokens` for both together. Guides are teacher-forced in the p
 guide are concatenated and left-padded, so every row ends at the same cache slot and the decode
 loop advances all rows in lockstep.
 
+Rows with a guide are prefilled apart from the unguided ones, which then cover only their own
+(shorter) bucket: their cache slots in front stay empty instead of running the model over padding.
+
 Decoding runs in a few phases, each one jitted `lax.while_loop` over the loop state (one pytree,
 donated) that stops early once every row is finished. Between phases the KV cache grows (a step
-reads the whole cache, so it should not carry empty slots) and, when at most half the rows are
-still running, the finished ones are dropped so the rest decode in a smaller batch: guided rows
-and rows that hit EOS early stop costing compute. Each row draws its noise from its own key, so
-its sample does not depend on where it sits in the batch.
+reads the whole cache, so it should not carry empty slots); when at most half the rows are still
+running, the finished ones are dropped so the rest decode in a smaller batch (guided rows and rows
+that hit EOS early stop costing compute); and once the rows with the longest prompt + guide are
+finished, the empty slots in front of the others leave the cache. Each row draws its noise from
+its own key, so its sample does not depend on where it sits in the batch.
 
 Tokens are drawn by inverse-CDF sampling (one uniform number per row) instead of Gumbel noise over
 the whole vocabulary, which would dominate a decode step on CPU and cost ~5x more at Qwen3's 152k
@@ -196,21 +200,42 @@ def _sample_and_write(state: _LoopState, logits: jax.Array, settings: _Settings,
                          last_token=token, step=state.step + 1)
 
 
+def _prefill_rows(cfg: Qwen3Config, params, tokens, valid, cache_length: int, end_slot: int):
+    """Prefills left-padded rows [B, T] into a fresh cache so that they end at `end_slot`."""
+    cache = models.init_cache(cfg, tokens.shape[0], cache_length, start_slot=end_slot - tokens.shape[1])
+    return models.extend_cache(cfg, params, tokens, valid, cache)
+
+
+def _join_rows(first, second):
+    """Two batch-major pytrees (such as KV caches) stacked along the batch; scalars are shared."""
+    return jax.tree.map(lambda a, b: a if a.ndim == 0 else jnp.concatenate([a, b]), first, second)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_length", "guide_window", "guided_rows",
-                                             "rows_sharding"))
+                                             "unguided_len", "rows_sharding"))
 def _prefill(cfg: Qwen3Config, params, prefill_tokens, prefill_valid, guide_tokens, guide_lengths, row_keys, *,
-             settings: _Settings, cache_length: int, guide_window: int, guided_rows: int,
+             settings: _Settings, cache_length: int, guide_window: int, guided_rows: int, unguided_len: int,
              rows_sharding=None) -> _LoopState:
     """Runs prompt + guide through the model and samples the first token; returns the loop state.
 
     prefill_tokens/prefill_valid [B, P]: prompt + guide, left-padded; guide_tokens [B, L]: guide
     ids at the start of each row; guide_lengths [B]; row_keys [B]. Rows with a guide come first,
-    within the first `guided_rows`.
+    within the first `guided_rows`. The rows after them fit in the last `unguided_len` columns and
+    are prefilled over those only, so a guided batch does not run the model over the unguided
+    rows' padding (their cache slots in front stay empty).
     """
-    batch = prefill_tokens.shape[0]
-    cache = models.init_cache(cfg, batch, cache_length)
-    hidden, cache = models.extend_cache(cfg, params, prefill_tokens, prefill_valid, cache)
-    first_logits = models.logits_from_hidden(cfg, params, hidden[:, -1])  # [B, V]
+    batch, prefill_len = prefill_tokens.shape
+    if 0 < guided_rows < batch and unguided_len < prefill_len:
+        first, rest = slice(0, guided_rows), slice(guided_rows, None)
+        hidden, cache = _prefill_rows(cfg, params, prefill_tokens[first], prefill_valid[first], cache_length, prefill_len)
+        rest_hidden, rest_cache = _prefill_rows(cfg, params, prefill_tokens[rest, -unguided_len:],
+                                                prefill_valid[rest, -unguided_len:], cache_length, prefill_len)
+        cache = _join_rows(cache, rest_cache)
+        last_hidden = jnp.concatenate([hidden[:, -1], rest_hidden[:, -1]])
+    else:
+        hidden, cache = _prefill_rows(cfg, params, prefill_tokens, prefill_valid, cache_length, prefill_len)
+        last_hidden = hidden[:, -1]
+    first_logits = models.logits_from_hidden(cfg, params, last_hidden)  # [B, V]
     if guide_window:
         first = slice(0, guided_rows)
         guide_logps = _guide_logprobs(cfg, params, hidden[first], prefill_tokens[first], guide_lengths[first],
@@ -253,11 +278,13 @@ def _decode(cfg: Qwen3Config, params, state: _LoopState, *, settings: _Settings,
     return jax.lax.while_loop(keep_going, decode_step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_length", "mesh"))
-def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, mesh=None) -> _LoopState:
-    """The loop state with room for `cache_length` cache slots, of the given rows only (all rows
-    when `rows` is None). Every array leaf is batch-major."""
-    state = state.replace(cache=models.grow_cache(state.cache, cache_length))
+@functools.partial(jax.jit, static_argnames=("cache_length", "drop_slots", "mesh"))
+def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, drop_slots: int = 0,
+            mesh=None) -> _LoopState:
+    """The loop state of the given rows only (all rows when `rows` is None), its cache without the
+    first `drop_slots` slots and with room for `cache_length`. Every array leaf is batch-major."""
+    cache = models.drop_leading_slots(state.cache, drop_slots)
+    state = state.replace(cache=models.grow_cache(cache, cache_length))
     if rows is None:
         return state
 
@@ -303,6 +330,24 @@ def _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k)
         raise ValueError(f"top_k={top_k} must be >= 0 (0 disables top-k, 1 is greedy)")
 
 
+def _prefill_arrays(prompts, guides, padded_batch: int, max_new_tokens: int, pad_id: int):
+    """Host arrays of the batch: prompt + guide left-padded to a bucketed length [B, P] with its
+    validity mask, guide tokens [B, L], guide lengths [B] and prompt + guide lengths [B]."""
+    prefix_lengths = np.ones(padded_batch, np.int32)
+    prefix_lengths[: len(prompts)] = [len(p) + len(g) for p, g in zip(prompts, guides)]
+    prefill_len = bucket_length(prefix_lengths.max())
+    prefill = np.full((padded_batch, prefill_len), pad_id, np.int32)
+    valid = np.arange(prefill_len)[None, :] >= prefill_len - prefix_lengths[:, None]
+    guide_tokens = np.full((padded_batch, max_new_tokens), pad_id, np.int32)
+    # Filler rows: a one-token prompt whose "guide" already fills the budget, so they never decode.
+    guide_lengths = np.full((padded_batch,), max_new_tokens, np.int32)
+    for i, (prompt, guide) in enumerate(zip(prompts, guides)):
+        prefill[i, prefill_len - prefix_lengths[i]:] = list(prompt) + list(guide)
+        guide_tokens[i, : len(guide)] = guide
+        guide_lengths[i] = len(guide)
+    return prefill, valid, guide_tokens, guide_lengths, prefix_lengths
+
+
 def sample(
     cfg: Qwen3Config,
     params,
@@ -331,26 +376,18 @@ def sample(
     if mesh is not None:
         multiple = np.lcm(multiple, sharding_lib.batch_axis_size(mesh))
     padded_batch = round_up(batch, multiple)
-    longest_guide = max(len(g) for g in guides)
-    prefill_len = bucket_length(max(len(p) + len(g) for p, g in zip(prompts, guides)))
-    window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide else 0
     # Guided rows go first, so the guide log-probs' vocabulary projection covers only them.
     order = sorted(range(batch), key=lambda i: not guides[i])
+    batch_prompts, batch_guides = [prompts[i] for i in order], [guides[i] for i in order]
     num_guided = sum(1 for g in guides if g)
     guided_rows = min(padded_batch, round_up(bucket_length(num_guided, 1), multiple)) if num_guided else 0
-
-    prefill = np.full((padded_batch, prefill_len), pad_id, np.int32)
-    valid = np.zeros((padded_batch, prefill_len), bool)
-    guide_tokens = np.full((padded_batch, max_new_tokens), pad_id, np.int32)
-    # Filler rows: a one-token prompt whose "guide" already fills the budget, so they never decode.
-    guide_lengths = np.full((padded_batch,), max_new_tokens, np.int32)
-    prefill[batch:, -1], valid[batch:, -1] = pad_id, True
-    for i, (prompt, guide) in enumerate(zip((prompts[j] for j in order), (guides[j] for j in order))):
-        row = list(prompt) + guide
-        prefill[i, prefill_len - len(row):] = row
-        valid[i, prefill_len - len(row):] = True
-        guide_tokens[i, : len(guide)] = guide
-        guide_lengths[i] = len(guide)
+    prefill, valid, guide_tokens, guide_lengths, prefix_lengths = _prefill_arrays(
+        batch_prompts, batch_guides, padded_batch, max_new_tokens, pad_id)
+    prefill_len = prefill.shape[1]
+    # The rows after the guided ones are prefilled over their own (shorter) bucket.
+    unguided_len = bucket_length(prefix_lengths[guided_rows:].max()) if guided_rows < padded_batch else prefill_len
+    longest_guide = max(len(g) for g in guides)
+    window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide else 0
 
     settings = _Settings(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids))
     # A row's noise comes from its index in `prompts`, wherever it sits in the batch.
@@ -362,21 +399,23 @@ def sample(
         arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim)) for a in arrays)
         rows_sharding = sharding_lib.batch_sharding(mesh, 2)
 
-    # Sampled token s is fed back into cache slot prefill_len + s - 1, so a phase that ends after
-    # `end` sampled tokens needs prefill_len + end - 1 slots.
-    cache_lengths = [prefill_len + end - 1 for end in decode_phase_ends(max_new_tokens)]
-    state = _prefill(cfg, params, *arrays, settings=settings, cache_length=cache_lengths[0], guide_window=window,
-                     guided_rows=guided_rows, rows_sharding=rows_sharding)
+    phase_ends = decode_phase_ends(max_new_tokens)
+    # Sampled token s is fed back into cache slot prefix_slots + s - 1, so a phase that ends after
+    # `end` sampled tokens needs prefix_slots + end - 1 slots.
+    prefix_slots = prefill_len
+    state = _prefill(cfg, params, *arrays, settings=settings, cache_length=prefix_slots + phase_ends[0] - 1,
+                     guide_window=window, guided_rows=guided_rows, unguided_len=unguided_len,
+                     rows_sharding=rows_sharding)
     tokens = np.zeros((padded_batch, max_new_tokens), np.int32)
     logprobs = np.zeros((padded_batch, max_new_tokens), np.float32)
     lengths = np.zeros((padded_batch,), np.int32)
-    state_rows = np.arange(padded_batch)  # the input row held by each row of the loop state
+    state_rows = np.arange(padded_batch)  # the batch row held by each row of the loop state
 
     def collect(state: _LoopState):
         tokens[state_rows], logprobs[state_rows], lengths[state_rows] = jax.device_get(
             (state.tokens, state.logprobs, state.lengths))
 
-    for cache_length in cache_lengths:
+    for end in phase_ends:
         done = np.asarray(state.done)
         if done.all():
             break
@@ -385,10 +424,15 @@ def sample(
         if size < done.shape[0]:
             collect(state)  # the finished rows are final now
             keep = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:size]
-            state_rows = state_rows[keep]
+            state_rows, done = state_rows[keep], done[keep]
             keep = jnp.asarray(keep)
-        if keep is not None or cache_length > state.cache.length:
-            state = _resize(state, keep, cache_length=cache_length, mesh=mesh)
+        # Once the rows with the longest prompt + guide are finished, the padding in front of the
+        # others leaves the cache (in power-of-two steps, which bounds the compiled programs).
+        drop = prefix_slots - bucket_length(prefix_lengths[state_rows[~done]].max())
+        prefix_slots -= drop
+        cache_length = prefix_slots + end - 1
+        if keep is not None or drop or cache_length > state.cache.length:
+            state = _resize(state, keep, cache_length=cache_length, drop_slots=drop, mesh=mesh)
         state = _decode(cfg, params, state, settings=settings, rows_sharding=rows_sharding)
     collect(state)
     back = np.argsort(order)  # batch position of each input row

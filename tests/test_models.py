@@ -101,18 +101,20 @@ def test_left_padded_forward_matches_unpadded_rows(tiny_checkpoint):
 
 
 def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
-    """Prefill, then one token at a time, growing the cache half-way as the sampler does."""
+    """Prefill into a cache whose first two slots stay empty, then decode one token at a time,
+    dropping those slots and growing the cache half-way, as the sampler does."""
     path, _ = tiny_checkpoint
     cfg, params = models.load_hf(path)
     prompts = [list(random_tokens(cfg.vocab_size, (n,), seed=10 + n)) for n in (2, 6, 4)]
     continuation = random_tokens(cfg.vocab_size, (3, 5), seed=99)
     tokens, valid = left_pad(prompts)
-    cache = models.init_cache(cfg, batch=3, length=tokens.shape[1] + 2)
+    cache = models.init_cache(cfg, batch=3, length=tokens.shape[1] + 4, start_slot=2)
     extend = jax.jit(lambda p, t, v, c: models.extend_cache(cfg, p, t, v, c))
     hidden, cache = extend(params, jnp.asarray(tokens), jnp.asarray(valid), cache)
     step_logits = [models.logits_from_hidden(cfg, params, hidden[:, -1])]
     for step in range(continuation.shape[1]):
         if step == 2:
+            cache = models.drop_leading_slots(cache, 2)
             cache = models.grow_cache(cache, tokens.shape[1] + continuation.shape[1] + 3)
         hidden, cache = extend(params, jnp.asarray(continuation[:, step:step + 1]), jnp.ones((3, 1), bool), cache)
         step_logits.append(models.logits_from_hidden(cfg, params, hidden[:, -1]))
@@ -123,7 +125,7 @@ def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
         np.testing.assert_allclose(step_logits[i], expected, atol=2e-5 * np.abs(expected).max())
 
 
-def test_grow_cache_refuses_to_shrink(tiny_checkpoint):
+def test_cache_refuses_to_shrink_or_drop_too_much(tiny_checkpoint):
     path, _ = tiny_checkpoint
     cfg, _ = models.load_hf(path)
     cache = models.init_cache(cfg, batch=1, length=8)
@@ -131,6 +133,9 @@ def test_grow_cache_refuses_to_shrink(tiny_checkpoint):
     assert models.grow_cache(cache, 12).valid.shape == (1, 12)
     with pytest.raises(ValueError, match="cannot shrink a cache of 8 slots to 4"):
         models.grow_cache(cache, 4)
+    assert models.drop_leading_slots(cache, 3).valid.shape == (1, 5)
+    with pytest.raises(ValueError, match="cannot drop 9 slots of a cache of 8"):
+        models.drop_leading_slots(cache, 9)
 
 
 def test_sharded_forward_equals_single_device(tiny_checkpoint):

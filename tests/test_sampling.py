@@ -41,6 +41,21 @@ def completion(out, i):
     return out.tokens[i, : out.lengths[i]].tolist()
 
 
+def recording(fn, calls: list):
+    """`fn`, appending the keyword arguments of each call to `calls`."""
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+# Two rows with long guides and two short unguided prompts. The unguided rows are prefilled over
+# their own 16-slot bucket instead of the guided rows' 32, and once the guided rows finish, the 16
+# empty slots in front of the unguided rows leave the cache.
+SPLIT_PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19]]
+SPLIT_GUIDES = [list(range(30, 50)), [], list(range(60, 78)), []]
+
+
 def test_greedy_equals_transformers_generate_with_and_without_guides(tiny):
     cfg, params, torch_model = tiny
     budget = 10
@@ -50,6 +65,23 @@ def test_greedy_equals_transformers_generate_with_and_without_guides(tiny):
         assert completion(out, i) == expected, f"row {i}"
         np.testing.assert_array_equal(out.guided_mask[i], np.arange(budget) < len(guide))
     assert out.guided_mask.sum() == sum(len(g) for g in GUIDES)
+
+
+def test_unguided_rows_skip_the_guides_padding_and_still_equal_transformers(tiny, monkeypatch):
+    cfg, params, torch_model = tiny
+    prefill_calls, resize_calls = [], []
+    monkeypatch.setattr(sampling, "_prefill", recording(sampling._prefill, prefill_calls))
+    monkeypatch.setattr(sampling, "_resize", recording(sampling._resize, resize_calls))
+    budget = 24
+    out = sampling.sample(cfg, params, SPLIT_PROMPTS, SPLIT_GUIDES, max_new_tokens=budget, top_k=1, eos_ids=(1,),
+                          batch_multiple=2)
+    assert prefill_calls[0]["unguided_len"] == 16 and prefill_calls[0]["cache_length"] == 32 + 6 - 1
+    assert [call["drop_slots"] for call in resize_calls][:1] == [16]
+    for i, (prompt, guide) in enumerate(zip(SPLIT_PROMPTS, SPLIT_GUIDES)):
+        tokens = completion(out, i)
+        assert tokens == guide + hf_greedy(torch_model, prompt + guide, budget - len(guide), eos_id=1), f"row {i}"
+        np.testing.assert_allclose(out.logprobs[i, : len(tokens)], hf_logprobs(torch_model, prompt, tokens, 1.0),
+                                   atol=1e-4)
 
 
 def test_greedy_stops_at_eos_and_masks_the_rest(tiny):
@@ -168,14 +200,16 @@ def test_sharded_batch_gives_the_same_greedy_completions(tiny):
     cfg, params, _ = tiny
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
     sharded_params = jax.device_put(params, sharding.tree_shardings(models.param_logical_axes(cfg), params, mesh))
-    single = sampling.sample(cfg, params, PROMPTS, GUIDES, max_new_tokens=8, top_k=1)
-    sharded = sampling.sample(cfg, sharded_params, PROMPTS, GUIDES, max_new_tokens=8, top_k=1, mesh=mesh)
-    np.testing.assert_array_equal(single.tokens, sharded.tokens)
-    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
     # 12 of 16 rows end in the prefill (their guide fills the budget): the sharded batch shrinks too.
     guides = [[]] * 4 + [[40] * 8] * 12
     single = sampling.sample(cfg, params, PROMPTS * 4, guides, max_new_tokens=8, top_k=1)
     sharded = sampling.sample(cfg, sharded_params, PROMPTS * 4, guides, max_new_tokens=8, top_k=1, mesh=mesh)
+    np.testing.assert_array_equal(single.tokens, sharded.tokens)
+    np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
+    # Guided and unguided rows prefilled apart, then the empty slots in front dropped from the cache.
+    single = sampling.sample(cfg, params, SPLIT_PROMPTS * 4, SPLIT_GUIDES * 4, max_new_tokens=24, top_k=1)
+    sharded = sampling.sample(cfg, sharded_params, SPLIT_PROMPTS * 4, SPLIT_GUIDES * 4, max_new_tokens=24, top_k=1,
+                              mesh=mesh)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=1e-5)
 

@@ -5,6 +5,7 @@ from g2rpo_jax.models.hf import load_hf, read_config, save_hf
 from g2rpo_jax.models.qwen3 import (
     KVCache,
     Qwen3Model,
+    drop_leading_slots,
     extend_cache,
     grow_cache,
     forward,
@@ -26,6 +27,7 @@ __all__ = [
     "Qwen3Model",
     "config_from_hf",
     "config_to_hf",
+    "drop_leading_slots",
     "extend_cache",
     "grow_cache",
     "forward",

@@ -45,7 +45,10 @@ class KVCache(flax.struct.PyTreeNode):
         return self.k[0].shape[3]
 
 
-def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache:
+def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None, start_slot: int = 0) -> KVCache:
+    """An empty cache of `length` slots; the first `extend_cache` writes from `start_slot` on, and the
+    slots before it stay empty (rows prefilled with a shorter chunk than others then still end at
+    the same slot)."""
     dtype = resolve_dtype(dtype or cfg.dtype)
     k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
     v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
@@ -54,7 +57,7 @@ def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None) -> KVCache
         v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
         valid=jnp.zeros((batch, length), bool),
         next_position=jnp.zeros((batch,), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
+        index=jnp.full((), start_slot, jnp.int32),
     )
 
 
@@ -79,6 +82,22 @@ def grow_cache(cache: KVCache, length: int) -> KVCache:
         k=tuple(pad_slots(k, 3) for k in cache.k),
         v=tuple(pad_slots(v, 2) for v in cache.v),
         valid=pad_slots(cache.valid, 1),
+    )
+
+
+def drop_leading_slots(cache: KVCache, count: int) -> KVCache:
+    """The cache without its first `count` slots, which must be empty for every row still decoding
+    (padding in front of the shortest prompts). Attention masks are built from slots and rotary
+    positions are kept per row, so the remaining slots attend exactly as before."""
+    if not 0 <= count <= cache.length:
+        raise ValueError(f"cannot drop {count} slots of a cache of {cache.length}")
+    if count == 0:
+        return cache
+    return cache.replace(
+        k=tuple(k[..., count:] for k in cache.k),
+        v=tuple(v[:, :, count:] for v in cache.v),
+        valid=cache.valid[:, count:],
+        index=cache.index - count,
     )
 
 
