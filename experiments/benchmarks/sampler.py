@@ -34,14 +34,17 @@ MODELS = {
 }
 
 
-def best_of(repeats: int, run) -> float:
-    """Best wall time of `repeats` runs (the least disturbed by other work on the machine)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def interleaved_best(repeats: dict[str, int], runs: dict) -> dict[str, float]:
+    """Best wall time of each run over its number of repeats, taking the runs in turn so a slow
+    spell of the machine (other work on it) falls on all of them rather than on one."""
+    times = {name: [] for name in runs}
+    for round_ in range(max(repeats.values())):
+        for name, run in runs.items():
+            if round_ < repeats[name]:
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def main():
@@ -95,11 +98,13 @@ def main():
     ours()
     ours(guides)
     print(f"sampler compile + first runs: {time.perf_counter() - start:.1f} s")
-    ours_s = best_of(args.repeats, ours)
-    guided_s = best_of(args.repeats, lambda: ours(guides))
     if args.torch_device != "cpu":
         transformers_generate()  # warm-up: CUDA kernels load on first use
-    hf_s = best_of(max(1, args.repeats - 1), transformers_generate)
+    best = interleaved_best(
+        {"ours": args.repeats, "guided": args.repeats, "transformers": max(1, args.repeats - 1)},
+        {"ours": ours, "guided": lambda: ours(guides), "transformers": transformers_generate},
+    )
+    ours_s, guided_s, hf_s = best["ours"], best["guided"], best["transformers"]
 
     print(f"transformers generate: {hf_s:.2f} s  {new_tokens / hf_s:.0f} tokens/s")
     print(f"sampler (unguided):    {ours_s:.2f} s  {new_tokens / ours_s:.0f} tokens/s")
