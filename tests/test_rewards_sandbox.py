@@ -86,6 +86,65 @@ def test_forged_completion_token_scores_zero():
     assert score(program, ADD_TESTS).value == 0.0
 
 
+# --------------------------------------------------------------------------------------------
+# Passing the tests without solving the task: the program and the tests share a process.
+
+# HumanEval style (an entry point) and MBPP style (asserts naming the function); the honest
+# program below passes both.
+ENTRY_POINT_TESTS = {"kind": "assert", "entry_point": "add",
+                     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+                             "    assert abs(candidate(1, 1) - 2) < 1e-9\n    assert str(candidate(0, 1)) == '1'\n"}
+NAMED_FUNCTION_TESTS = {"kind": "assert", "entry_point": "",
+                        "test": "import math\nassert add(2, 3) == 5\nassert set([add(1, 1)]) == set([2])\n"
+                                "assert math.isclose(add(0.5, 0.25), 0.75)\n"}
+ALWAYS_EQUAL = "class Anything:\n    def __eq__(self, other):\n        return True\n"
+GAMING_PROGRAMS = {
+    "rebinding exec skips the tests": "import builtins\nbuiltins.exec = lambda *args: None\ndef add(a, b):\n    return 0",
+    "rebinding compile": "import builtins\nbuiltins.compile = lambda *args: compile('', 'x', 'exec')\n"
+                         "def add(a, b):\n    return 0",
+    "an object equal to everything": ALWAYS_EQUAL + "    def __sub__(self, other):\n        return 0\n"
+                                     "    def __str__(self):\n        return '1'\n    def __hash__(self):\n        return 0\n"
+                                     "def add(a, b):\n    return Anything()",
+    "inside a list": ALWAYS_EQUAL + "def add(a, b):\n    return [Anything()]",
+    "an int subclass": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
+                       "def add(a, b):\n    return Int(0)",
+    "a str subclass borrowing __ne__ as __eq__": "class Str(str):\n    __eq__ = str.__ne__\n    __hash__ = str.__hash__\n"
+                                                 "def add(a, b):\n    return Str('x')",
+    "yielded from a generator": ALWAYS_EQUAL + "def add(a, b):\n    yield Anything()",
+    "rebinding builtins the tests use": "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.set = lambda x: 0\n"
+                                        "builtins.str = lambda x: '1'\ndef add(a, b):\n    return 0",
+    "shadowing builtins": "def abs(x):\n    return 0\ndef set(x):\n    return 0\ndef str(x):\n    return '1'\n"
+                          "def add(a, b):\n    return 0",
+    "patching math on every call": "import math\ndef add(a, b):\n    math.isclose = lambda *args, **kwargs: True\n    return 0",
+}
+
+
+# Without an entry point a function may be named like a builtin (MBPP asks for one called `sum`),
+# so shadowing is only ruled out where the tests name their entry point.
+GAMING_CASES = [(name, tests) for name in GAMING_PROGRAMS for tests in (ENTRY_POINT_TESTS, NAMED_FUNCTION_TESTS)
+                if name != "shadowing builtins" or tests["entry_point"]]
+
+
+@pytest.mark.parametrize("name, tests", GAMING_CASES,
+                         ids=[f"{name}, {'entry point' if t['entry_point'] else 'named function'}" for name, t in GAMING_CASES])
+def test_gaming_the_tests_scores_zero(name, tests):
+    assert score("def add(a, b):\n    return a + b", tests).value == 1.0
+    assert score(GAMING_PROGRAMS[name], tests).value == 0.0
+
+
+@pytest.mark.parametrize("program, test", [
+    ("import re\ndef starts_with_vowel(s):\n    return re.match('[aeiou]', s)",
+     "assert starts_with_vowel('apple')\nassert not starts_with_vowel('pear')"),
+    ("from collections import Counter\ndef letters(s):\n    return Counter(s)", "assert letters('aab') == {'a': 2, 'b': 1}"),
+    ("from fractions import Fraction\ndef half(x):\n    return Fraction(x, 2)", "assert half(3) == 1.5"),
+    ("def squares(n):\n    return (i * i for i in range(n))", "assert list(squares(3)) == [0, 1, 4]"),
+    ("class Box:\n    def __init__(self, v):\n        self.v = v\ndef box(v):\n    return Box(v)", "assert box(3).v == 3"),
+    ("def sum(a, b):\n    return a + b", "assert sum(2, 3) == 5"),
+])
+def test_standard_values_and_builtin_named_functions_still_pass(program, test):
+    assert score(program, {"kind": "assert", "entry_point": "", "test": test}).value == 1.0
+
+
 @needs_namespaces
 def test_signals_to_the_supervisor_change_nothing():
     """PID 1 of the sandbox is the supervisor; a program signalling it must neither end the

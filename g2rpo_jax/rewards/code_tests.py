@@ -5,7 +5,8 @@ Test formats (DESIGN.md):
       `check(<entry_point>)` when an entry point is given (HumanEval); MBPP style asserts work
       with an empty entry point. Reward 1 only if the harness proves every line ran: it writes a
       per-execution token to a private pipe after the last test, so leaving early (sys.exit,
-      os._exit, exit(), a crash, a signal) or printing success-looking text earns 0.
+      os._exit, exit(), a crash, a signal) or printing success-looking text earns 0, and the
+      program cannot change what the tests compute (see _ASSERT_HARNESS).
   {"kind": "stdio", "cases": [{"input": str, "output": str}, ...]}   each case runs the program
       with the input on stdin; its full stdout must equal the expected output after stripping
       trailing whitespace on every line and trailing blank lines, and the program must exit with
@@ -66,22 +67,114 @@ def _fresh_module(name, filename):
 # The assert harness. It reads and deletes the token and the tests before the program runs, so
 # the program can neither read the expected values from disk nor learn the token from a file;
 # the token is written to descriptor 3 only after the last test ran.
-_ASSERT_HARNESS = _PRELUDE + r'''
-def _run():
+#
+# Tests and program share a process, so the harness keeps what the tests rely on out of the
+# program's reach:
+# - exec, compile and os.write are bound before the program runs (rebinding them in `builtins`
+#   would otherwise skip the tests and still write the token);
+# - the tests run in their own namespace with a copy of the original builtins. When they name an
+#   entry point (HumanEval), they see none of the program's names that shadow a builtin, so a
+#   program defining `set` or `abs` cannot change what they compute. Without one (MBPP), such a
+#   name stays visible if it is a function, because the task may ask for a function called `sum`;
+# - the attributes of every module loaded before the program (math included) are put back after
+#   the program runs and after each call the tests make into it (`math.isclose = ...`);
+# - what a program function returns to the tests (and everything inside it) must behave as
+#   standard: no class in its type's MRO may define a special method (`__eq__`, `__bool__`,
+#   `__str__`, ...) in the program's own code, so an object whose `__eq__` always says True, or an
+#   `int` subclass overriding it, fails the call. Standard-library classes (re.Match, Counter,
+#   Fraction) and the program's plain classes pass.
+# What this does not stop: a program that inspects the harness itself (its frames, or the garbage
+# collector's objects) can find the token. Closing that needs the tests in a separate process.
+_ASSERT_HARNESS = _PRELUDE + r"""
+import math, types
+
+def _run(exec=exec, compile=compile, write=os.write, exit_now=os._exit):
     token = _load("token").encode()
-    stages = [("solution.py", _load("solution.py")), ("tests.py", _load("tests.py"))]
-    if os.path.exists("check.py"):
-        stages.append(("check.py", _load("check.py")))
-    namespace = _fresh_module("solution", "solution.py").__dict__
-    for filename, source in stages:
-        exec(compile(source, filename, "exec"), namespace)
+    test_stages = [("tests.py", _load("tests.py"))]
+    has_entry_point = os.path.exists("check.py")
+    if has_entry_point:
+        test_stages.append(("check.py", _load("check.py")))
+    program = _load("solution.py")
+    pristine_builtins = dict(builtins.__dict__)
+    modules = {module: dict(vars(module)) for module in list(sys.modules.values())
+               if isinstance(module, types.ModuleType)}
+    plain_check = _plain_value_checker()
+
+    def restore_modules():
+        for module, attributes in modules.items():
+            namespace = vars(module)
+            for name in [name for name in namespace if name not in attributes]:
+                del namespace[name]
+            namespace.update(attributes)
+
+    def checked(function):
+        def call(*args, **kwargs):
+            try:
+                return plain_check(function.__name__, function(*args, **kwargs))
+            finally:
+                restore_modules()
+        return call
+
+    solution = _fresh_module("solution", "solution.py").__dict__
+    exec(compile(program, "solution.py", "exec"), solution)
+    restore_modules()
+    tests = {"__name__": "tests", "__builtins__": dict(pristine_builtins)}
+    for name, value in solution.items():
+        is_program_function = isinstance(value, types.FunctionType) and value.__globals__ is solution
+        if name not in pristine_builtins or (is_program_function and not has_entry_point):
+            tests[name] = checked(value) if is_program_function else value
+    for filename, source in test_stages:
+        exec(compile(source, filename, "exec"), tests)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(3, token)
-    os._exit(0)
+    write(3, token)
+    exit_now(0)
+
+def _plain_value_checker():
+    stdlib = os.path.dirname(os.__file__) + os.sep
+    constructors = {"__init__", "__new__", "__init_subclass__", "__class_getitem__"}
+    trusted = {int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset, object}
+
+    def standard_code(cls, name, impl):
+        if isinstance(impl, (classmethod, staticmethod)):
+            impl = impl.__func__
+        if isinstance(impl, types.FunctionType):
+            return impl.__code__.co_filename.startswith(stdlib)
+        c_level = (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
+                   types.GetSetDescriptorType, types.MemberDescriptorType, types.ClassMethodDescriptorType)
+        return (isinstance(impl, c_level) and getattr(impl, "__objclass__", cls) is cls
+                and getattr(impl, "__name__", name) == name)
+
+    def check_type(function_name, kind):
+        for cls in kind.__mro__:
+            for name, impl in vars(cls).items():
+                special_method = name.startswith("__") and name.endswith("__") and name not in constructors and (
+                    callable(impl) or isinstance(impl, (classmethod, staticmethod)))
+                if special_method and not standard_code(cls, name, impl):
+                    raise TypeError("%s() returned a %s, whose %s is the program's own code; tests compare "
+                                    "only values with standard behaviour" % (function_name, kind.__qualname__, name))
+        trusted.add(kind)
+
+    def check(function_name, value, depth=0):
+        kind = type(value)
+        if kind not in trusted:
+            check_type(function_name, kind)
+        if depth >= 50:
+            return value
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(function_name, key, depth + 1)
+                check(function_name, item, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                check(function_name, item, depth + 1)
+        elif hasattr(kind, "__next__"):
+            return (check(function_name, item, depth + 1) for item in value)
+        return value
+    return check
 
 _run()
-'''
+"""
 
 # The stdio runner: the program runs as the __main__ module, like `python main.py`.
 _STDIO_RUNNER = _PRELUDE + r'''
