@@ -22,6 +22,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m g2rpo_jax.train --config=experiments/configs/g2rpo.py:demo $(DEMO_ARGS)
+	$(PY) -m g2rpo_jax.plot runs/demo
 
 # pytest exits 5 when it collected no test; that would mean the suite vanished, so it fails loudly.
 test: $(STAMP)
