@@ -23,6 +23,10 @@ over sequences and the normaliser depends only on masks. The train step computes
 micro-batch; the micro-batch losses (and their gradients) then sum exactly to the full-batch ones.
 Micro-batch metrics combine exactly with `combine_metrics`.
 
+`sft` is the supervised baseline the paper compares against: the same token-mean reduction as
+`dapo` over -log p of each completion token (reference trajectories, in the training loop), with no
+importance ratio or advantage; the KL term still applies when beta > 0.
+
 `bnpo` and `dapo` have the same formula here (token sum over the global batch's loss-token count).
 TRL's `bnpo` normalises by the tokens of each micro-batch (so it depends on the split) while its
 `dapo` uses the global count; with a global normaliser both are exact, and the names are kept so
@@ -38,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sft")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GUIDED_MODES = ("train", "mask", "shaping")
 IMPORTANCE_LEVELS = ("token", "sequence")
@@ -162,7 +166,7 @@ def _token_masks(
 def _normalizer_from_loss_tokens(
     loss_type: str, loss_tokens: jax.Array, max_completion_length: Optional[int]
 ) -> jax.Array:
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type in ("bnpo", "dapo", "sft"):
         return loss_tokens.sum()
     num_sequences = (loss_tokens.sum(axis=1) > 0).sum().astype(jnp.float32)
     if loss_type == "grpo":
@@ -301,6 +305,9 @@ def policy_loss(
         prob = jnp.exp(jnp.where(shaped, logprobs, 0.0))
         objective = jnp.where(shaped, adv * prob / (prob + shaping_gamma), objective)
     per_token_loss = -objective
+    if loss_type == "sft":
+        # The supervised baseline: the completion's negative log-likelihood; no ratio, no advantage.
+        per_token_loss, ratio_tokens = -logprobs, jnp.zeros_like(ratio_tokens)
 
     if ref_logprobs is not None:
         # Both sides zeroed off the loss tokens, so padding gives a KL of exactly 0.

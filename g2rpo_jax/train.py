@@ -4,7 +4,9 @@
 
 One step: a batch of prompts -> G rollouts each, a fraction α of every group carrying the first ℓ
 tokens of its problem's reference trajectory -> sampling -> rewards on the host -> the jitted train
-step (advantages, loss, update, guidance-schedule update) -> metrics -> checkpoint.
+step (advantages, loss, update, guidance-schedule update) -> metrics -> checkpoint. The SFT baseline
+(`step.loss_type='sft'`, the `sft` config variant) replaces rollouts and rewards with each prompt's
+reference trajectory and trains on its negative log-likelihood.
 
 The run directory holds config.json, metrics.jsonl (one JSON object per step), orbax checkpoints
 with the data iterator's position beside them, and, at the end, a Hugging Face checkpoint of the
@@ -106,6 +108,27 @@ def collect_rollouts(cfg, model_cfg, params, tokenizer, prepared, rows, guided, 
     return batch, info
 
 
+def reference_batch(cfg, prepared, rows, tokenizer):
+    """The SFT baseline's batch: each prompt's reference trajectory as its completion, ended by the
+    stop token when it fits the budget (so the model learns to stop). No sampling, no rewards."""
+    max_new = cfg.sampling.max_new_tokens
+    pad_id = data.pad_token_id(tokenizer)
+    stop_id = data.stop_token_ids(tokenizer)[0]
+    prompts = [list(prepared.prompt_ids[r]) for r in rows]
+    completions = [list(prepared.trajectory_ids[r])[:max_new] for r in rows]
+    completions = [c + [stop_id] if len(c) < max_new else c for c in completions]
+    completion_tokens = np.full((len(rows), max_new), pad_id, np.int32)
+    completion_mask = np.zeros((len(rows), max_new), np.int32)
+    for i, completion in enumerate(completions):
+        completion_tokens[i, : len(completion)] = completion
+        completion_mask[i, : len(completion)] = 1
+    prompt_tokens, prompt_mask = left_pad(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
+    batch = train_step_lib.make_batch(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
+                                      np.zeros(len(rows), np.float32))
+    info = dict(per_kind={}, stats={}, sample_s=0.0, reward_s=0.0, lengths=completion_mask.sum(axis=1))
+    return batch, info
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 
 
@@ -131,8 +154,9 @@ def step_metrics(step, state_metrics, batch, info, elapsed) -> dict:
     """One flat dict of floats for metrics.jsonl and the console: the train step's metrics
     (loss, clipping, KL, entropy, guidance) plus the host side (rewards, timing)."""
     metrics = {"step": step, **{k: float(v) for k, v in jax.device_get(state_metrics).items()}}
+    if info["per_kind"]:  # rollouts were scored (not the SFT baseline)
+        metrics["reward/total"] = float(batch.rewards.mean())
     metrics.update({
-        "reward/total": float(batch.rewards.mean()),
         **{f"reward/{name}": float(values.mean()) for name, values in info["per_kind"].items()},
         **{f"reward_events/{name}": int(count) for name, count in info["stats"].items()},
         "completion/mean_tokens": float(info["lengths"].mean()),
@@ -158,7 +182,7 @@ def periodic_eval(cfg, model_cfg, params, tokenizer, tasks, pool, mesh, step: in
 
 def console_line(m: dict) -> str:
     get = lambda key: m.get(key, float("nan"))  # noqa: E731
-    return (f"step {m['step']:>5} | acc {get('reward/accuracy'):.3f} (guided {get('guidance/reward_guided'):.2f} "
+    return (f"step {m['step']:>5} | loss {get('loss'):.4f} | acc {get('reward/accuracy'):.3f} (guided {get('guidance/reward_guided'):.2f} "
             f"/ free {get('guidance/reward_unguided'):.2f}) | ℓ {get('guidance/length'):.0f} | "
             f"grad {get('grad_norm'):.3f} | entropy {get('entropy'):.2f} | adv std {get('guidance/advantage_std'):.2f} | "
             f"len {get('completion/mean_tokens'):.0f} | sample {get('time/sample_s'):.1f}s "
@@ -190,9 +214,13 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     prepared = data.prepare_from_config(cfg.data, tokenizer)
     iterator = data.iterator_from_config(cfg.data, prepared)
     log(f"data: {len(prepared)} prompts from {cfg.data.source} ({prepared.report})")
+    supervised = cfg.step.loss_type == "sft"
     if cfg.guidance.mode != "none" and not prepared.trajectory_ids:
         raise ValueError(f"guidance.mode={cfg.guidance.mode!r} needs reference trajectories, but the "
                          f"{cfg.data.adapter!r} data has none; use guidance.mode='none'")
+    if supervised and not (prepared.trajectory_ids and all(prepared.trajectory_ids)):
+        raise ValueError(f"step.loss_type='sft' trains on reference trajectories, but some of the "
+                         f"{cfg.data.adapter!r} data has none; use data with a trajectory for every problem")
 
     optimizer = optim.make_optimizer(cfg.optim)
     state = train_state_lib.create(params, optimizer, cfg.guidance, jax.random.key(cfg.run.seed))
@@ -234,9 +262,13 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
                 length = int(guidance.length(state.guidance)) if cfg.guidance.mode != "none" else 0
                 guided = np.asarray(guidance.assign_guided(
                     assign_key, len(rows), cfg.step.group_size, cfg.guidance.alpha if length else 0.0))
-                batch, info = collect_rollouts(cfg, model_cfg, state.params, tokenizer, prepared, rows,
-                                               guided, length, sample_key, mesh, reward_scorer)
+                if supervised:
+                    batch, info = reference_batch(cfg, prepared, rows, tokenizer)
+                else:
+                    batch, info = collect_rollouts(cfg, model_cfg, state.params, tokenizer, prepared, rows,
+                                                   guided, length, sample_key, mesh, reward_scorer)
                 state, state_metrics = step_fn(state, ref_params, batch)
+                state_metrics = jax.device_get(state_metrics)  # waits for the step, so its time is counted
                 metrics = step_metrics(step + 1, state_metrics, batch, info, time.perf_counter() - start)
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                     metrics.update(periodic_eval(cfg, model_cfg, state.params, tokenizer, eval_tasks, pool, mesh,

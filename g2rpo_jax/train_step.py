@@ -113,7 +113,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.micro_batch_size = 0  # sequences per gradient-accumulation micro-batch; 0 = the whole batch
     cfg.num_iterations = 1  # μ: optimizer updates per batch
     cfg.temperature = 1.0  # the sampling temperature: training logits are divided by it
-    cfg.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    cfg.loss_type = "grpo"  # grpo | bnpo | dr_grpo | dapo | sft (supervised baseline)
     cfg.epsilon_low = 0.2
     cfg.epsilon_high = 0.2  # > epsilon_low: DAPO's Clip-Higher
     cfg.beta = 0.04  # KL weight; 0 skips the reference forward entirely

@@ -9,16 +9,16 @@ import sys
 import numpy as np
 import pytest
 
-from g2rpo_jax import models, rewards, train
+from g2rpo_jax import data, models, rewards, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo_config(workdir, **run):
+def demo_config(workdir, variant="adaptive", **run):
     spec = importlib.util.spec_from_file_location("g2rpo_config", os.path.join(REPO, "experiments/configs/g2rpo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config("demo")
+    cfg = module.get_config(f"demo,{variant}")
     cfg.data.source = os.path.join(REPO, "experiments/data/arithmetic.jsonl")
     # 4 prompts x G=2 on the 8 test devices (data=2, fsdp=2, tensor=2): one group per batch shard.
     cfg.mesh.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})
@@ -57,6 +57,30 @@ def test_demo_runs_resumes_and_exports(tmp_path):
     cfg, params = models.load_hf(str(workdir / "final_hf"))
     assert cfg.vocab_size == models.TINY_QWEN3.vocab_size
     assert models.load_tokenizer(str(workdir / "final_hf")).eos_token == "<|im_end|>"
+
+
+def test_sft_baseline_fits_the_reference_trajectories(tmp_path):
+    workdir = tmp_path / "sft"
+    cfg = demo_config(workdir, variant="sft", total_steps=4)
+    cfg.data.batch_size, cfg.step.group_size = 8, 1  # one sequence per prompt, no sampling
+    train.train(cfg)
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # The loss is the trajectories' token-mean NLL: it starts near log(vocab) and falls.
+    assert abs(metrics[0]["loss"] - np.log(models.TINY_QWEN3.vocab_size)) < 0.2
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
+    assert "reward/total" not in metrics[0] and metrics[0]["guided_token_share"] == 0.0
+
+    # Each row's completion is its trajectory, then the stop token, then padding.
+    tokenizer = models.load_tokenizer(str(workdir / "random_init_model"))
+    prepared = data.prepare_from_config(cfg.data, tokenizer)
+    batch, _ = train.reference_batch(cfg, prepared, [0, 5], tokenizer)
+    for row, index in enumerate([0, 5]):
+        expected = list(prepared.trajectory_ids[index]) + [data.stop_token_ids(tokenizer)[0]]
+        assert 0 < len(expected) < cfg.sampling.max_new_tokens
+        assert batch.completion_tokens[row, : len(expected)].tolist() == expected
+        assert batch.completion_mask[row].tolist() == [1] * len(expected) + [0] * (cfg.sampling.max_new_tokens - len(expected))
+        assert batch.prompt_tokens[row, batch.prompt_mask[row] == 1].tolist() == list(prepared.prompt_ids[index])
 
 
 def test_a_crash_saves_the_last_state(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ Variants (the methods the paper compares; each is only a few overrides)
   adaptive      G²RPO-A's reward-trend rule (the default)
   ratio         the official code's multiplicative rule, every 3 steps
   linear_decay  guidance length decays linearly to 0 (rule-based baseline)
+  sft           supervised fine-tuning on the reference trajectories (cross-entropy, no sampling)
 
 Any key can then be overridden: --config.guidance.alpha=0.5 --config.step.beta=0 ...
 """
@@ -22,7 +23,7 @@ import ml_collections
 from g2rpo_jax import data, guidance, optim, rewards, sharding, train_step
 from g2rpo_jax import eval as evaluation
 
-VARIANTS = ("grpo", "clip_higher", "naive", "adaptive", "ratio", "linear_decay")
+VARIANTS = ("grpo", "clip_higher", "naive", "adaptive", "ratio", "linear_decay", "sft")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -128,6 +129,15 @@ def apply_variant(cfg: ml_collections.ConfigDict, variant: str) -> None:
         cfg.guidance.mode = variant
     if variant == "linear_decay":
         cfg.guidance.total_steps = cfg.run.total_steps
+    if variant == "sft":  # supervised fine-tuning on the reference trajectories, one per prompt
+        cfg.guidance.mode = "none"
+        cfg.guidance.alpha = 0.0
+        cfg.step.loss_type = "sft"
+        cfg.data.batch_size *= cfg.step.group_size  # as many sequences per step as the RL runs
+        cfg.step.group_size = 1
+        cfg.step.scale_rewards = "none"
+        cfg.step.beta = 0.0
+        cfg.step.num_iterations = 1
 
 
 PRESETS = {"demo": demo, "qwen3_math": qwen3_math, "qwen3_code": qwen3_code}

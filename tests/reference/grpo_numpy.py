@@ -89,7 +89,11 @@ def policy_loss_ref(
         for t in range(num_cols):
             if not in_loss[t]:
                 continue
-            if is_shaped[t]:
+            if loss_type == "sft":  # negative log-likelihood, no ratio and no clipping
+                objective = logprobs[b, t]
+                low_flags.append(0.0)
+                high_flags.append(0.0)
+            elif is_shaped[t]:
                 p = math.exp(logprobs[b, t])
                 objective = a * p / (p + shaping_gamma)
             else:
@@ -103,7 +107,7 @@ def policy_loss_ref(
                 objective = min(r * a, r_clip * a)
                 low_flags.append(1.0 if (r < 1.0 - epsilon_low and a < 0) else 0.0)
                 high_flags.append(1.0 if (r > 1.0 + epsilon_high and a > 0) else 0.0)
-            if is_shaped[t]:
+            if is_shaped[t] and loss_type != "sft":
                 low_flags.append(0.0)
                 high_flags.append(0.0)
             token_loss = -objective
@@ -122,7 +126,7 @@ def policy_loss_ref(
         loss = 0.0
     elif loss_type == "grpo":
         loss = sum(sum(losses) / len(losses) for losses in nonempty) / len(nonempty)
-    elif loss_type in ("bnpo", "dapo"):
+    elif loss_type in ("bnpo", "dapo", "sft"):
         loss = sum(sum(losses) for losses in nonempty) / total_tokens
     elif loss_type == "dr_grpo":
         loss = sum(sum(losses) for losses in nonempty) / (len(nonempty) * max_completion_length)
