@@ -362,9 +362,12 @@ def sample(
     pad_id: int = 0,
     mesh=None,
     batch_multiple: int = 8,
+    score_guides: bool = True,
 ) -> SampleOutput:
     """Generates one completion per prompt; guides[i] (token ids, may be empty) is forced first.
 
+    score_guides=False leaves the log-probs of guide tokens at 0 and skips their projection onto
+    the vocabulary, for callers that recompute log-probs anyway (the train step does).
     Shapes are bucketed (batch to a multiple of `batch_multiple` and of the mesh's batch axes,
     prompt + guide length and guide window to powers of two), so a run compiles few programs.
     """
@@ -387,7 +390,7 @@ def sample(
     # The rows after the guided ones are prefilled over their own (shorter) bucket.
     unguided_len = bucket_length(prefix_lengths[guided_rows:].max()) if guided_rows < padded_batch else prefill_len
     longest_guide = max(len(g) for g in guides)
-    window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide else 0
+    window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide and score_guides else 0
 
     settings = _Settings(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids))
     # A row's noise comes from its index in `prompts`, wherever it sits in the batch.

@@ -86,7 +86,7 @@ def collect_rollouts(cfg, model_cfg, params, tokenizer, prepared, rows, guided, 
     out = sampling.sample(
         model_cfg, params, prompts, guides, max_new_tokens=max_new, temperature=cfg.step.temperature,
         top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, eos_ids=data.stop_token_ids(tokenizer),
-        rng=key, pad_id=pad_id, mesh=mesh,
+        rng=key, pad_id=pad_id, mesh=mesh, score_guides=False,  # the train step recomputes log-probs
     )
     sample_s = time.perf_counter() - start
 

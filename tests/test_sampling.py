@@ -115,6 +115,18 @@ def test_logprobs_match_teacher_forced_pytorch(tiny):
         assert out.logprobs[i, : len(tokens)].max() < 0
 
 
+def test_unscored_guides_change_nothing_else(tiny):
+    cfg, params, _ = tiny
+    kwargs = dict(max_new_tokens=9, temperature=0.7, rng=jax.random.key(3))
+    scored = sampling.sample(cfg, params, PROMPTS, GUIDES, **kwargs)
+    unscored = sampling.sample(cfg, params, PROMPTS, GUIDES, score_guides=False, **kwargs)
+    np.testing.assert_array_equal(scored.tokens, unscored.tokens)
+    np.testing.assert_array_equal(scored.guided_mask, unscored.guided_mask)
+    sampled = (scored.mask == 1) & (scored.guided_mask == 0)
+    np.testing.assert_allclose(unscored.logprobs[sampled], scored.logprobs[sampled], atol=1e-6)
+    assert (unscored.logprobs[scored.guided_mask == 1] == 0).all() and (scored.logprobs[scored.guided_mask == 1] < 0).all()
+
+
 def test_same_rng_same_samples_and_rows_get_independent_noise(tiny):
     cfg, params, _ = tiny
     prompts = [[5, 6, 7]] * 8
