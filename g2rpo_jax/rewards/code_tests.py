@@ -98,7 +98,7 @@ def _run(exec=exec, compile=compile, write=os.write, exit_now=os._exit):
     pristine_builtins = dict(builtins.__dict__)
     modules = {module: dict(vars(module)) for module in list(sys.modules.values())
                if isinstance(module, types.ModuleType)}
-    plain_check = _plain_value_checker()
+    check_returned = _standard_value_checker()
 
     def restore_modules():
         for module, attributes in modules.items():
@@ -110,7 +110,7 @@ def _run(exec=exec, compile=compile, write=os.write, exit_now=os._exit):
     def checked(function):
         def call(*args, **kwargs):
             try:
-                return plain_check(function.__name__, function(*args, **kwargs))
+                return check_returned(function.__name__, function(*args, **kwargs))
             finally:
                 restore_modules()
         return call
@@ -130,7 +130,7 @@ def _run(exec=exec, compile=compile, write=os.write, exit_now=os._exit):
     write(3, token)
     exit_now(0)
 
-def _plain_value_checker():
+def _standard_value_checker():
     stdlib = os.path.dirname(os.__file__) + os.sep
     constructors = {"__init__", "__new__", "__init_subclass__", "__class_getitem__"}
     trusted = {int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset, object}
