@@ -55,13 +55,15 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
 # ----------------------------------------------------------------------------- rollouts
 
 
-def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded int32 tokens and their 0/1 mask, [N, width]."""
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Int32 tokens padded to [N, width] (on the left for prompts, the right for completions) and
+    their 0/1 mask."""
     tokens = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, row in enumerate(rows):
-        tokens[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        tokens[i, columns] = row
+        mask[i, columns] = 1
     return tokens, mask
 
 
@@ -98,7 +100,7 @@ def collect_rollouts(cfg, model_cfg, params, tokenizer, prepared, rows, guided, 
     reward_s = time.perf_counter() - start
 
     width = sampling.bucket_length(max(len(p) for p in prompts))
-    prompt_tokens, prompt_mask = left_pad(prompts, width, pad_id)
+    prompt_tokens, prompt_mask = pad_rows(prompts, width, pad_id)
     batch = train_step_lib.make_batch(
         prompt_tokens, prompt_mask, out.tokens, out.mask, total,
         accuracy=per_kind["accuracy"], guided_mask=out.guided_mask, old_logprobs=out.logprobs,
@@ -117,12 +119,8 @@ def reference_batch(cfg, prepared, rows, tokenizer):
     prompts = [list(prepared.prompt_ids[r]) for r in rows]
     completions = [list(prepared.trajectory_ids[r])[:max_new] for r in rows]
     completions = [c + [stop_id] if len(c) < max_new else c for c in completions]
-    completion_tokens = np.full((len(rows), max_new), pad_id, np.int32)
-    completion_mask = np.zeros((len(rows), max_new), np.int32)
-    for i, completion in enumerate(completions):
-        completion_tokens[i, : len(completion)] = completion
-        completion_mask[i, : len(completion)] = 1
-    prompt_tokens, prompt_mask = left_pad(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
+    completion_tokens, completion_mask = pad_rows(completions, max_new, pad_id, left=False)
+    prompt_tokens, prompt_mask = pad_rows(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
     batch = train_step_lib.make_batch(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
                                       np.zeros(len(rows), np.float32))
     info = dict(per_kind={}, stats={}, sample_s=0.0, reward_s=0.0, lengths=completion_mask.sum(axis=1))
