@@ -69,7 +69,9 @@ def test_schedule_warms_up_linearly_then_cosine_to_floor():
     schedule = optim.learning_rate_schedule(optimizer_config(warmup_steps=4, total_steps=20))
     for n in range(0, 25):
         expected = reference_learning_rate(n, 1e-2, 1e-3, 4, 20)
-        np.testing.assert_allclose(float(schedule(n)), expected, rtol=1e-6, atol=1e-9)
+        # A few float32 operations (n / steps, cos, a product, a sum) on values up to the peak,
+        # each rounding by eps of its operands: a handful of eps times the peak at any n.
+        np.testing.assert_allclose(float(schedule(n)), expected, rtol=0, atol=8 * np.finfo(np.float32).eps * 1e-2)
     assert float(schedule(0)) == 0.0 and float(schedule(4)) == pytest.approx(1e-2)
     no_warmup = optim.learning_rate_schedule(optimizer_config(warmup_steps=0))
     assert float(no_warmup(0)) == pytest.approx(1e-2)  # the first update already uses the peak
