@@ -306,12 +306,30 @@ def _smaller_batch(done: np.ndarray, multiple: int) -> int:
     return size
 
 
-def _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k):
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_token_ids(name: str, ids: Sequence[int], vocab_size: int) -> None:
+    # An id outside the vocabulary would be clamped silently by the embedding gather (or, as an
+    # EOS id, never be met).
+    array = np.asarray(ids)
+    if array.dtype.kind in "iu" and (array.size == 0 or (array.min() >= 0 and array.max() < vocab_size)):
+        return  # the usual case, checked without a Python loop over every token
+    bad = next((t for t in ids if not (_is_integer(t) and 0 <= t < vocab_size)), None)
+    if bad is not None:
+        raise ValueError(f"{name} holds token id {bad!r}; valid: integers in [0, vocab_size={vocab_size})")
+
+
+def _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, vocab_size):
     if not prompts:
         raise ValueError("prompts is empty; pass at least one list of token ids")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        _check_token_ids(f"prompts[{i}]", prompt, vocab_size)
+    if not _is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not valid; valid: an integer >= 1")
     if len(guides) != len(prompts):
         raise ValueError(f"guides has {len(guides)} entries but prompts has {len(prompts)}; pass one (possibly empty) per prompt")
     for i, guide in enumerate(guides):
@@ -320,14 +338,15 @@ def _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k)
                 f"guides[{i}] has {len(guide)} tokens but max_new_tokens={max_new_tokens}; "
                 "the guide counts towards the completion budget, so cap it or raise max_new_tokens"
             )
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (use top_k=1 for greedy decoding)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 disables top-k, 1 is greedy)")
+        _check_token_ids(f"guides[{i}]", guide, vocab_size)
+    if not (isinstance(temperature, (int, float, np.number)) and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be > 0 and finite (use top_k=1 for greedy decoding)")
+    if not (isinstance(top_p, (int, float, np.number)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p={top_p!r} is not valid; valid: a number in (0, 1]")
+    if not _is_integer(top_k) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} is not valid; valid: an integer >= 0 (0 disables top-k, 1 is greedy)")
+    _check_token_ids("eos_ids", list(eos_ids), vocab_size)
+    _check_token_ids("pad_id", [pad_id], vocab_size)
 
 
 def _prefill_arrays(prompts, guides, padded_batch: int, max_new_tokens: int, pad_id: int):
@@ -372,7 +391,8 @@ def sample(
     prompt + guide length and guide window to powers of two), so a run compiles few programs.
     """
     guides = [list(g) for g in guides] if guides is not None else [[] for _ in prompts]
-    _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k)
+    _check_arguments(prompts, guides, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_id, cfg.vocab_size)
+    top_k = min(int(top_k), cfg.vocab_size)  # like transformers: a k beyond the vocabulary keeps every token
     rng = jax.random.key(0) if rng is None else rng
     batch = len(prompts)
     multiple = batch_multiple
