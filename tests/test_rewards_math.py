@@ -5,6 +5,7 @@ import itertools
 import signal
 import threading
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -80,6 +81,40 @@ def test_gold_answers_in_any_source_format():
     assert rewards.math_reward("\\boxed{1018}", "Work... #### 1,018") == 1.0
 
 
+# The final answer follows the reasoning: (completion, gold, reward, parse failure). A reasoning
+# that never closes has no final answer, whatever it tried on the way.
+THINKING_CASES = [
+    ("<think>\nMaybe the answer is \\boxed{5}. Let me double check this by another method: first", "5", 0.0, True),
+    ("<think>the answer is 5, or is it", "5", 0.0, True),
+    ("<think>\n#### 5", "5", 0.0, True),
+    ("<think>tentative \\boxed{5}</think> final \\boxed{6}", "6", 1.0, False),
+    ("<think>tentative \\boxed{5}</think> final \\boxed{6}", "5", 0.0, False),
+    ("<think>it is \\boxed{5}</think> nothing after the thinking", "5", 0.0, True),
+    ("reasoning \\boxed{5}</think>\n\\boxed{7}", "7", 1.0, False),  # <think> was in the prompt
+    ("<think>a</think>\\boxed{4}<think>reopened \\boxed{5}", "5", 0.0, True),
+    ("<think>a</think>\\boxed{4}<think>reopened \\boxed{5}", "4", 0.0, True),
+    ("<think>a</think> The answer is 8.", "8", 1.0, False),
+    ("no tags at all \\boxed{5}", "5", 1.0, False),
+]
+
+
+@pytest.mark.parametrize("completion,gold,expected,parse_failure", THINKING_CASES)
+def test_answer_is_read_after_the_thinking(completion, gold, expected, parse_failure):
+    outcome = rewards.math_outcome(completion, gold)
+    assert (outcome.value, outcome.parse_failure) == (expected, parse_failure)
+
+
+def test_score_batch_counts_unclosed_reasoning_as_parse_failure():
+    completions = ["<think>\nMaybe the answer is \\boxed{5}. Let me double check this by another method: first",
+                   "<think>\nit is 5</think>\\boxed{5}"]
+    _, per_kind, stats = rewards.score_batch(completions, [{"answer": "5"}] * 2)
+    np.testing.assert_array_equal(per_kind["accuracy"], [0.0, 1.0])
+    np.testing.assert_array_equal(per_kind["format"], [0.0, 1.0])
+    assert stats["parse_failures"] == 1
+    assert extract_answer(completions[0]) is None
+    assert math_answers.after_thinking("a</think>b<think>c</think>d") == "d"
+
+
 # --------------------------------------------------------------------------------------------
 # Equivalence, against exact references.
 
@@ -95,6 +130,102 @@ def test_structured_forms_agree_with_exact_reference(forms, reference):
     mismatches = [(g, p) for g, p in itertools.product(forms, forms)
                   if rewards.math_reward(f"\\boxed{{{p}}}", g) != float(reference(g) == reference(p))]
     assert mismatches == []
+
+
+# Exact values far below (or far above) any fixed tolerance, with their value as a Fraction; two
+# spellings are equal exactly when their Fractions are. No two distinct values here agree to six
+# significant digits, so the float spellings follow the same reference.
+TINY_AND_HUGE = [
+    ("\\frac{1}{2^{98}}", Fraction(1, 2**98)),
+    ("2^{-98}", Fraction(1, 2**98)),
+    ("\\frac{1}{2^{99}}", Fraction(1, 2**99)),
+    ("\\frac{1}{7^{30}}", Fraction(1, 7**30)),
+    ("\\frac{2}{7^{30}}", Fraction(2, 7**30)),
+    ("7^{-30}", Fraction(1, 7**30)),
+    ("10^{-20}", Fraction(1, 10**20)),
+    ("3 \\times 10^{-20}", Fraction(3, 10**20)),
+    ("3.0 \\times 10^{-20}", Fraction(3, 10**20)),
+    ("1.5 \\times 10^{-30}", Fraction(15, 10**31)),
+    ("1.6 \\times 10^{-30}", Fraction(16, 10**31)),
+    ("\\frac{3}{2} \\cdot 10^{-30}", Fraction(15, 10**31)),
+    ("0.0000001", Fraction(1, 10**7)),
+    ("0.0000002", Fraction(2, 10**7)),
+    ("\\frac{1}{10^{7}}", Fraction(1, 10**7)),
+    ("0", Fraction(0)),
+    ("2^{100}", Fraction(2**100)),
+    ("2^{100}+1", Fraction(2**100 + 1)),
+    (str(2**100), Fraction(2**100)),
+    ("10^{20}", Fraction(10**20)),
+    ("10^{20}-1", Fraction(10**20 - 1)),
+]
+
+
+def test_tiny_and_huge_values_are_compared_exactly():
+    mismatches = [(g, p) for (g, g_value), (p, p_value) in itertools.product(TINY_AND_HUGE, TINY_AND_HUGE)
+                  if rewards.math_reward(f"\\boxed{{{p}}}", g) != float(g_value == p_value)]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("predicted,gold,expected", [
+    # Sets, tuples, intervals, matrices, equations and symbolic expressions compare their tiny parts
+    # exactly too.
+    ("\\{2^{-60}, 1\\}", "\\{2^{-61}, 1\\}", 0.0),
+    ("\\{2^{-60}, 1\\}", "\\{1, \\frac{1}{2^{60}}\\}", 1.0),
+    ("(2^{-60}, 1)", "(2^{-61}, 1)", 0.0),
+    ("[2^{-60}, 1)", "[2^{-61}, 1)", 0.0),
+    ("[2^{-60}, 1)", "[\\frac{1}{2^{60}}, 1)", 1.0),
+    ("\\begin{pmatrix} 2^{-60} \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix} 2^{-61} \\\\ 1 \\end{pmatrix}", 0.0),
+    ("x = 2^{-60}", "x = 2^{-61}", 0.0),
+    ("x = 2^{-60}", "x = \\frac{1}{2^{60}}", 1.0),
+    ("y = 2x + 2^{-70}", "y = 2x + 2^{-71}", 0.0),
+    ("\\frac{x}{2^{98}}", "\\frac{x}{2^{99}}", 0.0),
+    ("2^{-98} x", "\\frac{x}{2^{98}}", 1.0),
+    ("x - 1.5 \\times 10^{-30}", "x - 1.6 \\times 10^{-30}", 0.0),
+    ("x^2 - 2^{-60}", "x^2 - 2^{-61}", 0.0),
+    ("2^{-60} i", "2^{-61} i", 0.0),
+    ("e^{-50}", "e^{-51}", 0.0),
+    ("\\sqrt{2} \\cdot 10^{-20}", "\\sqrt{2} \\cdot 10^{-21}", 0.0),
+    ("\\sqrt{8} \\cdot 10^{-30}", "2\\sqrt{2} \\cdot 10^{-30}", 1.0),
+    # A float agrees with a value when both agree to six significant digits (and six decimals).
+    ("0.333333", "\\frac{1}{3}", 1.0),
+    ("0.666667", "\\frac{2}{3}", 1.0),
+    ("0.33", "\\frac{1}{3}", 0.0),
+    ("0.0000001", "\\frac{1}{2^{98}}", 0.0),
+    ("0.000001", "0.000002", 0.0),
+    ("1.000001 \\times 10^{-30}", "10^{-30}", 1.0),
+    ("1.0001 \\times 10^{-30}", "10^{-30}", 0.0),
+    ("1234567.4", "1234567", 0.0),
+    ("0.5 x", "\\frac{x}{2}", 1.0),
+    ("0.333333 x", "\\frac{x}{3}", 0.0),
+])
+def test_tiny_parts_of_structures_and_floats(predicted, gold, expected):
+    assert rewards.math_reward(f"\\boxed{{{predicted}}}", gold) == expected
+
+
+# Unicode spellings: (predicted, gold, reward).
+UNICODE_CASES = [
+    ("５", "5", 1.0), ("１２", "12", 1.0), ("－３", "-3", 1.0), ("−5", "-5", 1.0), ("0．5", "\\frac{1}{2}", 1.0),
+    ("½", "\\frac{1}{2}", 1.0), ("½", "0.5", 1.0), ("¾", "0.75", 1.0), ("⅓", "1/3", 1.0), ("⅞", "\\frac{7}{8}", 1.0),
+    ("3¼", "\\frac{13}{4}", 1.0), ("−2½", "-\\frac{5}{2}", 1.0), ("1⁄2", "\\frac{1}{2}", 1.0),
+    ("2²", "4", 1.0), ("2³", "23", 0.0), ("10⁻³", "0.001", 1.0), ("x²", "x^2", 1.0),
+    ("٥", "5", 1.0), ("५", "5", 1.0), ("\\frac{１}{４}", "0.25", 1.0),
+    ("½", "\\frac{1}{3}", 0.0), ("５", "6", 0.0), ("¼", "\\frac{1}{2}", 0.0),
+    ("0.5", "½", 1.0), ("3", "３", 1.0),  # the gold answer is read the same way
+]
+
+
+@pytest.mark.parametrize("predicted,gold,expected", UNICODE_CASES)
+def test_unicode_numbers_compare_like_their_ascii_forms(predicted, gold, expected):
+    assert rewards.math_reward(f"\\boxed{{{predicted}}}", gold) == expected
+
+
+def test_unicode_normalisation_leaves_latex_alone():
+    for latex in ["\\frac{1}{2}", "\\sqrt{2}+x^{2}", "\\{1,2\\}", "25^\\circ", "\\text{yes}", "π", "2×3"]:
+        assert math_answers.normalize_unicode(latex) == latex
+    assert math_answers.normalize_unicode("x² + ½ − ５") == "x^{2} + \\frac{1}{2} - 5"
+    # A superscript exponent is checked like a written one: refused at once, not computed.
+    outcome = rewards.math_outcome("\\boxed{2¹²³⁴⁵⁶}", "1")
+    assert outcome.value == 0.0 and outcome.parse_failure
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +252,9 @@ ABSURD = [
     "9^{9^{9^{9}}}", "10^{10^{10}}", "2^{123456}", "(x+1)^{100000}", "1000000!", "12345!",
     "(" * 300 + "2" + ")" * 300, "1" * 5000, "+".join(["1"] * 3000), "\\frac{", "}}}{{{",
     "\\frac{1}{0}", "\\sqrt{-1}^{\\sqrt{-1}}", "\x00\x01\x02", "\\begin{pmatrix}", "$$$$", "",
+    # Scientific notation with a huge exponent (one a policy wrote); the parser would build the
+    # exact integer in C code that no timer interrupts.
+    "8E+14694861", "3e14694861", "1.5E-99999999", "2 E 123456", "\\{1, 7E+88888888\\}",
 ]
 
 
@@ -201,7 +335,7 @@ def test_time_limit_sees_through_math_verify_exception_handlers(monkeypatch):
         return rewards.RewardOutcome(1.0)
 
     monkeypatch.setattr(math_answers, "_compare", slow_compare)
-    outcome = rewards.math_outcome("\\boxed{1}", "1", MathSettings(timeout_s=0.2))
+    outcome = rewards.math_outcome("\\boxed{1/2}", "\\frac{1}{2}", MathSettings(timeout_s=0.2))
     assert outcome.timeouts == 1 and outcome.value == 0.0
 
 
@@ -295,3 +429,13 @@ def test_score_batch_rejects_misaligned_or_unknown_examples():
         rewards.score_batch(["a", "b"], [{"answer": "1"}])
     with pytest.raises(ValueError, match="'answer'"):
         rewards.score_batch(["a"], [{"question": "1"}])
+
+
+@pytest.mark.parametrize("gold, predicted", [
+    ("25", "025"), ("25", "25"), ("-3", "-3"), ("7", "+7"), ("0", "-0"), ("100", "1000"),
+    ("5241", "5214"), ("15201", "15201"), ("-12", "12"), ("99999999999999999999", "99999999999999999998"),
+])
+def test_plain_integers_are_decided_as_math_verify_decides_them(gold, predicted):
+    """Two plain integers skip the parser; the verdict is still math-verify's own."""
+    reference = math_answers._compare(gold, predicted).value
+    assert rewards.math_reward(f"so \\boxed{{{predicted}}}", gold) == reference

@@ -9,23 +9,18 @@ answer: a complete `\\boxed{...}` for math, a closed fenced python block for cod
 from __future__ import annotations
 
 from g2rpo_jax.rewards.code_tests import extract_program
-from g2rpo_jax.rewards.math_answers import last_boxed
+from g2rpo_jax.rewards.math_answers import THINK_CLOSE, THINK_OPEN, after_thinking, last_boxed
 
 FORMAT_KINDS = ("math", "code")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def _answer_part(completion: str, require_think: bool) -> str | None:
-    """The text after the thinking; None if the thinking tags are malformed."""
-    opens, closes = completion.count(THINK_OPEN), completion.count(THINK_CLOSE)
-    if opens > 1 or closes > 1 or (opens == 1 and closes == 0):
+    """The text after the thinking (read as the accuracy rewards read it); None if the thinking
+    tags are malformed."""
+    closes = completion.count(THINK_CLOSE)
+    if completion.count(THINK_OPEN) > 1 or closes > 1 or (require_think and closes == 0):
         return None
-    if closes == 0:
-        return None if require_think else completion
-    _, after = completion.split(THINK_CLOSE, 1)
-    if THINK_OPEN in after:
-        return None
-    return after
+    return after_thinking(completion)
 
 
 def format_reward(completion: str, kind: str = "math", *, require_think: bool = False) -> float:

@@ -5,8 +5,18 @@ boxing many candidates earns nothing more than boxing the last one. Only when a 
 box at all, the configured fallbacks are tried in order: GSM8K's ``#### n`` and "The answer is n"
 (last occurrence each).
 
+Thinking: when a completion closes its reasoning (``</think>``) the answer is read only after the
+last closing tag; a reasoning opened and never closed has no final answer; completions without
+thinking tags are read whole.
+
+Unicode spellings of numbers (fullwidth or other-script digits, ``½``, ``x²``, U+2212 minus) are
+rewritten in ASCII/LaTeX before anything else, for the gold and the predicted answer alike.
+
 Equivalence: math-verify (fractions, decimals, radicals, intervals, sets, degrees, percents,
-thousands separators, ``x = 2`` vs ``2``, zero-padded integers, ...). Before parsing, cheap string
+thousands separators, ``x = 2`` vs ``2``, zero-padded integers, ...), except that two plain numbers
+are compared here (inside sets, tuples, intervals, matrices and equations too): exactly when
+neither holds a float, and relative to their magnitude when one does. math-verify's own test has an absolute
+tolerance, so it calls any two values below ~1e-15 (or ~1e-6 next to a float) equal. Before parsing, cheap string
 checks reject absurd answers (too long, too deeply nested, power towers and huge exponents or
 factorials) so they score 0 at once; a time limit bounds the rest. math-verify's own timeouts
 use ``signal.alarm`` and only work in the main thread, so they are disabled and the time limit is
@@ -16,16 +26,20 @@ the check in a helper process that is killed when it overruns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
 import signal
 import threading
 import time
+import unicodedata
 
 from g2rpo_jax.rewards.outcome import RewardOutcome
 
 ANSWER_SOURCES = ("boxed", "gsm8k", "answer_is")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_PLAIN_INTEGER = re.compile(r"[+-]?[0-9]+")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"answer is[ \t:]*([^\n]*)", re.IGNORECASE)
@@ -33,6 +47,8 @@ _LEADING_NUMBER_RE = re.compile(r"^[-+]?(?:\d[\d,]*)?\.?\d+(?:/\d+)?%?")
 # Exponents of >= 5 digits, numeric power towers and factorials of >= 4 digits cost sympy
 # minutes or gigabytes; no benchmark answer needs them.
 _HUGE_EXPONENT_RE = re.compile(r"\^\s*\{?\s*[-+]?\s*\d{5,}")
+# "8E+14694861": the parser builds 10^14694861 exactly, in C code that no timer interrupts.
+_HUGE_SCIENTIFIC_RE = re.compile(r"\d\s*[eE]\s*[-+]?\s*\d{5,}")
 _HUGE_FACTORIAL_RE = re.compile(r"\d{4,}\s*!")
 _NUMERIC_TOWER_RE = re.compile(r"\^\s*\{[\d\s{}^.+*-]*\^")
 
@@ -111,8 +127,21 @@ def _clean_fallback(text: str) -> str | None:
     return text or None
 
 
+def after_thinking(completion: str) -> str | None:
+    """The part of a completion that may hold its final answer: the text after the last
+    `</think>`, or the whole text when there is none; None when a `<think>` is still open there
+    (a reasoning cut off or never closed has no final answer, only tentative ones)."""
+    close = completion.rfind(THINK_CLOSE)
+    tail = completion if close < 0 else completion[close + len(THINK_CLOSE):]
+    return None if THINK_OPEN in tail else tail
+
+
 def extract_answer(completion: str, sources: tuple[str, ...] = ANSWER_SOURCES) -> str | None:
-    """The final answer of `completion`: the last box; fallbacks only when there is no box."""
+    """The final answer of `completion` (after its thinking): the last box; fallbacks only when
+    there is no box."""
+    completion = after_thinking(completion)
+    if completion is None:
+        return None
     for source in sources:
         if source == "boxed":
             if any(command in completion for command in _BOX_COMMANDS):
@@ -136,6 +165,53 @@ def gold_answer(answer: str) -> str:
     return answer.strip()
 
 
+# Superscript and subscript runs become ^{...} and _{...} (NFKC alone would turn "5²" into "52").
+_SUPERSCRIPTS = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿ"
+_SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎"
+_SCRIPT_RUN_RE = re.compile(f"[{_SUPERSCRIPTS}]+|[{_SUBSCRIPTS}]+")
+_SLASHES = {"\u2044": "/", "\u2215": "/"}  # fraction slash, division slash
+_MINUS = "\u2212"
+
+
+def _script_run(match: re.Match) -> str:
+    run = match.group(0)
+    body = unicodedata.normalize("NFKC", run).replace(_MINUS, "-")
+    return ("^{" if run[0] in _SUPERSCRIPTS else "_{") + body + "}"
+
+
+def _vulgar_fraction(char: str) -> str:
+    """A vulgar fraction as LaTeX: "½" -> \\frac{1}{2}, so "3½" reads as the mixed number 7/2."""
+    if unicodedata.category(char) != "No":
+        return char
+    numerator, slash, denominator = unicodedata.normalize("NFKC", char).partition("\u2044")
+    if slash and numerator.isdigit() and denominator.isdigit():
+        return f"\\frac{{{numerator}}}{{{denominator}}}"
+    return char
+
+
+def _ascii_digit(char: str) -> str:
+    """Decimal digits of any script ("٥", "५") as ASCII digits."""
+    if char.isascii() or unicodedata.category(char) != "Nd":
+        return char
+    return str(unicodedata.decimal(char))
+
+
+def normalize_unicode(answer: str) -> str:
+    """The ASCII/LaTeX spelling of Unicode ways to write a number, so that they compare like
+    their ASCII forms: superscripts, vulgar fractions, then NFKC (fullwidth and compatibility
+    forms; it leaves ASCII, hence LaTeX commands, unchanged), digits of any script, and the
+    minus and slash signs."""
+    if answer.isascii():
+        return answer
+    text = _SCRIPT_RUN_RE.sub(_script_run, answer)
+    text = "".join(_vulgar_fraction(char) for char in text)
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(_ascii_digit(char) for char in text)
+    for char, ascii_char in {**_SLASHES, _MINUS: "-"}.items():
+        text = text.replace(char, ascii_char)
+    return text
+
+
 def reject_reason(answer: str, settings: MathSettings) -> str:
     """Why a predicted answer is refused without parsing ('' if it is not)."""
     if len(answer) > settings.max_answer_chars:
@@ -149,8 +225,8 @@ def reject_reason(answer: str, settings: MathSettings) -> str:
             depth -= 1
     if deepest > settings.max_nesting_depth:
         return f"answer nested deeper than {settings.max_nesting_depth}"
-    if (_HUGE_EXPONENT_RE.search(answer) or _HUGE_FACTORIAL_RE.search(answer)
-            or _NUMERIC_TOWER_RE.search(answer)):
+    if (_HUGE_EXPONENT_RE.search(answer) or _HUGE_SCIENTIFIC_RE.search(answer)
+            or _HUGE_FACTORIAL_RE.search(answer) or _NUMERIC_TOWER_RE.search(answer)):
         return "answer with an astronomically large number"
     return ""
 
@@ -185,6 +261,82 @@ def _parse_gold(answer: str) -> tuple:
     return tuple(_parse(answer))
 
 
+def _finite_expr(x):
+    """`x` evaluated (percents, unevaluated powers) when it is a finite scalar expression; None
+    for anything else (sets, matrices, relations, infinities)."""
+    import sympy  # noqa: PLC0415 (comes with math-verify)
+
+    if not isinstance(x, sympy.Expr) or x.is_Matrix:
+        return None
+    value = x.doit()
+    if value.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+        return None
+    return value
+
+
+def _relatively_close(a, b, relative: float) -> bool:
+    """|a − b| <= relative · max(|a|, |b|), evaluated with 30 significant digits."""
+    gap = abs(a - b).evalf(30)
+    return bool(gap <= relative * max(abs(a).evalf(30), abs(b).evalf(30)))
+
+
+def _exactly_equal(a, b, numeric_precision: int) -> bool:
+    """a == b by exact arithmetic (rationals, radicals) and, failing that, simplification."""
+    import sympy  # noqa: PLC0415
+
+    difference = a - b
+    if difference.is_zero is None:
+        difference = sympy.simplify(difference)
+    if difference.is_zero is not None:
+        return bool(difference.is_zero)
+    if difference.is_number:  # a constant sympy cannot decide: compare to 15 significant digits
+        return _relatively_close(a, b, 10.0 ** -numeric_precision)
+    return False  # depends on the symbols
+
+
+def values_equal(a, b, float_rounding: int = 6, numeric_precision: int = 15) -> bool | None:
+    """Equality of two scalar sympy expressions; None when either is something else.
+
+    Two numbers holding a float must agree to `float_rounding` decimal places (math-verify's
+    rule, which keeps large values strict) and to `float_rounding` significant digits (which
+    keeps small ones apart). Everything else is decided exactly, floats inside symbolic
+    expressions taken as the decimals they were written as, so 2^-98 and 2^-99 (or x/2^98 and
+    x/2^99) differ however small they are.
+    """
+    import sympy  # noqa: PLC0415
+
+    a, b = _finite_expr(a), _finite_expr(b)
+    if a is None or b is None:
+        return None
+    if a.is_number and b.is_number and (a.has(sympy.Float) or b.has(sympy.Float)):
+        try:
+            same_rounding = a.round(float_rounding) == b.round(float_rounding)
+        except (TypeError, ValueError):
+            return None
+        return bool(same_rounding) and _relatively_close(a, b, 0.5 * 10.0 ** (1 - float_rounding))
+    as_written = lambda x: x.xreplace({f: sympy.Rational(str(f)) for f in x.atoms(sympy.Float)})  # noqa: E731
+    return _exactly_equal(as_written(a), as_written(b), numeric_precision)
+
+
+@contextlib.contextmanager
+def _exact_numbers_in(grader):
+    """math-verify's numeric comparison (used for plain values, for the elements of sets, tuples,
+    intervals and matrices, and for the sides of equations) replaced by `values_equal` while the
+    block runs. Integer pairs and percents of integers ("9% == 9") keep math-verify's own rule."""
+    original = grader.sympy_numeric_eq
+
+    def numeric_eq(a, b, float_rounding, numeric_precision):
+        integers = all(grader.is_atomic_or_pct_atomic(x, grader.Integer) for x in (a, b))
+        verdict = None if integers else values_equal(a, b, float_rounding, numeric_precision)
+        return original(a, b, float_rounding, numeric_precision) if verdict is None else verdict
+
+    grader.sympy_numeric_eq = numeric_eq
+    try:
+        yield
+    finally:
+        grader.sympy_numeric_eq = original
+
+
 def _compare(gold: str, predicted: str) -> RewardOutcome:
     math_verify, _ = _math_verify()
     gold_parsed = list(_parse_gold(gold))
@@ -193,7 +345,8 @@ def _compare(gold: str, predicted: str) -> RewardOutcome:
     predicted_parsed = _parse(predicted)
     if not predicted_parsed:
         return RewardOutcome(0.0, parse_failure=True, detail="answer unparseable")
-    equal = math_verify.verify(gold_parsed, predicted_parsed, timeout_seconds=None)
+    with _exact_numbers_in(math_verify.grader):
+        equal = math_verify.verify(gold_parsed, predicted_parsed, timeout_seconds=None)
     return RewardOutcome(1.0 if equal else 0.0, detail="" if equal else "different answer")
 
 
@@ -221,10 +374,16 @@ def math_outcome_in_main_thread(completion: str, answer: str,
     predicted = extract_answer(completion, tuple(settings.answer_sources))
     if predicted is None or not predicted.strip():
         return RewardOutcome(0.0, parse_failure=True, detail="no final answer")
+    predicted = normalize_unicode(predicted)  # before the checks: "2¹²³⁴⁵⁶" is a huge power too
     reason = reject_reason(predicted, settings)
     if reason:
         return RewardOutcome(0.0, parse_failure=True, detail=reason)
-    gold = gold_answer(answer)
+    gold = normalize_unicode(gold_answer(answer))
+    if _PLAIN_INTEGER.fullmatch(gold) and _PLAIN_INTEGER.fullmatch(predicted.strip()):
+        # Two plain integers are decided exactly here, as math-verify would, without its parser:
+        # it costs milliseconds per answer, most of an RL step's reward time on integer tasks.
+        equal = int(gold) == int(predicted)
+        return RewardOutcome(1.0 if equal else 0.0, detail="" if equal else "different answer")
     try:
         return _run_with_time_limit(lambda: _compare(gold, predicted), settings.timeout_s)
     except MathTimeout:
