@@ -1,15 +1,24 @@
-"""Code reward: program extraction, the assert harness, stdio judging (against a plain-Python
-reference), batch scoring with and without the process pool, and the pool's hard limits."""
+"""Code reward: program extraction, the assert harness (values crossing between its two
+processes, honest programs whatever they return), stdio judging (against a plain-Python
+reference; numbers compared as decimals, tolerances, stderr ignored), batch scoring with and
+without the process pool, and the pool's hard limits. Hostile programs: test_rewards_sandbox.py."""
 
+import collections
+import datetime
+import decimal
+import enum
+import fractions
+import marshal
 import os
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from g2rpo_jax import rewards
-from g2rpo_jax.rewards import code_tests
-from g2rpo_jax.rewards.code_tests import build_jobs, extract_program, normalize_output
+from g2rpo_jax.rewards import _assert_harness, code_tests
+from g2rpo_jax.rewards.code_tests import build_jobs, extract_program, normalize_output, outputs_match
 from g2rpo_jax.rewards.pool import RewardPool, TaskFailure
 from tests.reference.rewards_reference import ref_normalize_output, ref_weighted_sum
 from tests.process_probe import processes_with
@@ -101,6 +110,236 @@ def test_missing_code_block_is_a_parse_failure():
 
 
 # --------------------------------------------------------------------------------------------
+# The assert harness's values: what crosses between the program's process and the tests'.
+
+class LoopbackCodec(_assert_harness.Codec):
+    """Both ends in one process: references resolve to the very objects."""
+
+    def __init__(self):
+        self.objects = []
+
+    def encode_own(self, value):
+        return None
+
+    def reference(self, value):
+        self.objects.append(value)
+        return ("ref", "program", len(self.objects) - 1)
+
+    def resolve_reference(self, owner, index):
+        return self.objects[index]
+
+
+def across(value):
+    """`value` sent through the wire format (marshal included) and rebuilt."""
+    codec = LoopbackCodec()
+    return codec.decode(marshal.loads(marshal.dumps(codec.encode(value))))
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Money(int):
+    pass
+
+
+Point = collections.namedtuple("Point", "x y")
+
+
+@pytest.mark.parametrize("value, rebuilt", [
+    ([1, (2.5, "a", b"b"), {3: None, "k": {True, 4j}}, frozenset({...})],) * 2,
+    (fractions.Fraction(3, 4),) * 2,
+    (decimal.Decimal("1.50"),) * 2,
+    (collections.Counter("aab"),) * 2,
+    (collections.OrderedDict([("b", 1), ("a", 2)]),) * 2,
+    (collections.defaultdict(int, {"a": 1}),) * 2,
+    (collections.deque([1, 2], maxlen=5),) * 2,
+    (bytearray(b"xy"),) * 2,
+    (range(1, 10, 3),) * 2,
+    ({"a": 1}.keys(),) * 2,
+    ({"a": 1}.items(),) * 2,
+    (datetime.date(2024, 2, 29),) * 2,
+    (datetime.datetime(2024, 2, 29, 12, 30),) * 2,
+    (datetime.timedelta(days=1, seconds=3),) * 2,
+    (Money(5), 5),  # subclasses of builtins cross as their base value
+    (Color.RED, 1),
+    (int, int),  # standard classes by name
+    (os, os),
+])
+def test_values_cross_as_plain_data_of_the_same_kind(value, rebuilt):
+    result = across(value)
+    assert result == rebuilt and type(result) is type(rebuilt)
+    if isinstance(value, collections.deque):
+        assert result.maxlen == value.maxlen
+    if isinstance(value, collections.defaultdict):
+        assert result.default_factory is int
+
+
+def test_namedtuples_cross_as_a_namedtuple_of_the_receiver():
+    result = across(Point(1, 2))
+    assert result == (1, 2) and result.y == 2
+    assert type(result).__name__ == "Point" and type(result)._fields == ("x", "y")
+    assert type(across(Point(3, 4))) is type(result)  # one class per name and fields
+
+
+def test_other_objects_cross_as_references():
+    class Box:
+        pass
+
+    box = Box()
+    codec = LoopbackCodec()
+    assert codec.encode([box, box]) == ("list", [("ref", "program", 0), ("ref", "program", 1)])
+    assert codec.decode(codec.encode(box)) is box
+
+
+@pytest.mark.parametrize("node", [
+    compile("1", "x", "exec"),  # a code object
+    ("list", [1], "extra"),
+    ("dict", [1]),  # a key without its value
+    ("unknown", 1),
+    ("named", "builtins", "print"),  # not a class
+    ("named", "g2rpo_jax.rewards", "RewardOutcome"),  # not the standard library
+    ("module", "g2rpo_jax"),
+    ("value", "Fraction", ("tuple", ["1", 2])),
+    ("value", "Fraction", ("tuple", [1, 0])),
+    ("value", "eval", ("tuple", ["1"])),
+    ("set", [("list", [])]),  # unhashable
+    ("ref", "program", -1),
+    ("ref", "elsewhere", 0),
+])
+def test_malformed_values_are_refused(node):
+    with pytest.raises((ValueError, TypeError, ZeroDivisionError, IndexError, AttributeError)):
+        LoopbackCodec().decode(node)
+
+
+def test_nesting_is_bounded_both_ways():
+    deep = []
+    for _ in range(_assert_harness.MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested"):
+        LoopbackCodec().encode(deep)
+    node = 1
+    for _ in range(_assert_harness.MAX_DEPTH + 1):
+        node = ("list", [node])
+    with pytest.raises(ValueError):
+        LoopbackCodec().decode(node)
+
+
+def test_exceptions_cross_as_their_builtin_class():
+    class NegativeInput(ValueError):
+        pass
+
+    reply = _assert_harness.error_reply(NegativeInput("n < 0"))
+    assert reply == ("error", "ValueError", "n < 0")
+    rebuilt = _assert_harness.rebuild_error(*reply[1:])
+    assert type(rebuilt) is ValueError and str(rebuilt) == "n < 0"
+    assert type(_assert_harness.rebuild_error("UnicodeDecodeError", "x")) is UnicodeError
+    assert _assert_harness.rebuild_error("SystemExit", "0") is None  # exits are not sent
+    assert _assert_harness.rebuild_error("open", "x") is None
+
+
+DATACLASS = "from dataclasses import dataclass, field\n@dataclass\nclass P:\n    x: int\n    y: int\n"
+# Honest programs returning, or taking, values other than plain data; each must score 1.
+HONEST_PROGRAMS = {
+    "a dataclass instance": (
+        DATACLASS + "def make(a, b):\n    return P(a, b)\n",
+        "assert make(1, 2) == P(1, 2)\nassert make(1, 2) != P(2, 1)\nassert make(3, 4).y == 4\n"
+        "assert repr(make(1, 2)) == 'P(x=1, y=2)'\n"),
+    "a dataclass field left out of comparisons": (
+        "from dataclasses import dataclass, field\n@dataclass\nclass P:\n    x: int\n"
+        "    cache: dict = field(default_factory=dict, compare=False)\n"
+        "def make(a):\n    p = P(a)\n    p.cache['seen'] = True\n    return p\n",
+        "assert make(1) == P(1)\nassert make(1) != P(2)\n"),
+    "frozen dataclasses in a set": (
+        "from dataclasses import dataclass\n@dataclass(frozen=True)\nclass P:\n    x: int\n"
+        "def make(a):\n    return {P(a), P(a + 1)}\n",
+        "assert make(1) == {P(1), P(2)}\nassert P(5) in make(4)\nassert P(9) not in make(4)\n"),
+    "a class with slots": (
+        "class V:\n    __slots__ = ('x',)\n    def __init__(self, x):\n        self.x = x\n"
+        "def make(a):\n    return V(a)\n",
+        "assert make(3).x == 3\nassert make(3) == V(3)\nassert make(3) != V(4)\n"),
+    "a typing.NamedTuple": (
+        "from typing import NamedTuple\nclass Pt(NamedTuple):\n    x: int\n    y: int\n"
+        "def make(a, b):\n    return Pt(a, b)\n",
+        "assert make(1, 2) == (1, 2)\nassert make(1, 2).x == 1\n"),
+    "an Enum member": (
+        "from enum import Enum\nclass C(Enum):\n    RED = 1\n    BLUE = 2\n"
+        "def pick(x):\n    return C.RED if x else C.BLUE\n",
+        "assert pick(1) == C.RED\nassert pick(0) != C.RED\nassert pick(0).value == 2\nassert pick(0) is C.BLUE\n"),
+    "standard value types": (
+        "import collections, datetime, decimal, fractions\n"
+        "def values(s):\n    return (fractions.Fraction(3, 2), decimal.Decimal('0.10'), collections.Counter(s),\n"
+        "            collections.deque(s, 2), datetime.date(2024, 1, 31), {'a': 1}.keys(), range(3))\n",
+        "f, d, c, q, day, keys, r = values('aab')\nassert f == 1.5 and d == decimal.Decimal('0.1')\n"
+        "assert c.most_common(1) == [('a', 2)] and list(q) == ['a', 'b']\n"
+        "assert day + datetime.timedelta(days=1) == datetime.date(2024, 2, 1)\n"
+        "assert keys == {'a'} and r == range(0, 3)\n"),
+    "an lru_cache function": (
+        "import functools\n@functools.lru_cache(None)\ndef fib(n):\n"
+        "    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+        "assert fib(60) == 1548008755920\n"),
+    "a LeetCode Solution method": (
+        "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
+        "        for i, v in enumerate(nums):\n            if target - v in seen:\n"
+        "                return [seen[target - v], i]\n            seen[v] = i\n",
+        "s = Solution()\nassert s.twoSum([2, 7, 11, 15], 9) == [0, 1]\n"
+        "def check(candidate):\n    assert candidate(nums=[3, 3], target=6) == [0, 1]\ncheck(Solution().twoSum)\n"),
+    "a tree built by the tests": (
+        "class Node:\n    def __init__(self, v):\n        self.v, self.left, self.right = v, None, None\n"
+        "def height(n):\n    return 0 if n is None else 1 + max(height(n.left), height(n.right))\n",
+        "root = Node(1)\nroot.left = Node(2)\nroot.left.left = Node(3)\nassert height(root) == 3\n"
+        "assert root.left.v == 2 and root.right is None\n"),
+    "objects of the program in a list argument": (
+        "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+        "def longest(pairs, n):\n    return max(p.b - p.a for p in pairs)\n",
+        "assert longest([Pair(1, 5), Pair(2, 3)], 2) == 4\n"),
+    "an argument sorted in place": (
+        "def fill(xs, d):\n    xs.sort()\n    d['n'] = len(xs)\n",
+        "a, d = [3, 1, 2], {}\nassert fill(a, d=d) is None\nassert a == [1, 2, 3] and d == {'n': 3}\n"),
+    "a function returning a function": (
+        "def times(k):\n    return lambda x: k * x\n",
+        "assert times(3)(4) == 12\nassert list(map(times(2), [1, 2])) == [2, 4]\n"),
+    "a builtin class and a lambda as arguments": (
+        "def keep(xs, kind):\n    return [x for x in xs if isinstance(x, kind)]\n"
+        "def apply(f, xs):\n    return [f(x) for x in xs]\n",
+        "assert keep((1, 'a', 2.0), int) == [1]\nassert apply(lambda x: x + 1, [1, 2]) == [2, 3]\n"),
+    "a long generator": (
+        "def squares(n):\n    for i in range(n):\n        yield i * i\n",
+        "assert list(squares(5000)) == [i * i for i in range(5000)]\ng = squares(4)\n"
+        "assert next(g) == 0 and next(g) == 1 and list(g) == [4, 9]\nassert 16 in squares(5)\n"),
+    "an exception of the program's own class": (
+        "class NegativeInput(ValueError):\n    pass\ndef root(n):\n    if n < 0:\n"
+        "        raise NegativeInput(n)\n    return int(n ** 0.5)\n",
+        "try:\n    root(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError\nassert root(16) == 4\n"),
+    "a callable instance as the entry point": (
+        "class Adder:\n    def __call__(self, a, b):\n        return a + b\nadd = Adder()\n", None),
+}
+
+
+@pytest.mark.parametrize("name", list(HONEST_PROGRAMS))
+def test_honest_programs_pass_whatever_they_return(name):
+    program, test = HONEST_PROGRAMS[name]
+    tests = HUMANEVAL_STYLE if test is None else {"kind": "assert", "entry_point": "", "test": test}
+    outcome = rewards.code_outcome(fenced(program), tests, LIMITS)
+    assert outcome.value == 1.0, outcome.detail
+
+
+def test_harness_also_runs_from_source():
+    """Under another interpreter path the harness is shipped as source, not bytecode."""
+    limits = rewards.SandboxLimits(timeout_s=3.0, python_executable=os.path.realpath(sys.executable))
+    assert limits.python_executable != sys.executable
+    program, test = HONEST_PROGRAMS["a dataclass instance"]
+    tests = {"kind": "assert", "entry_point": "", "test": test}
+    assert rewards.code_reward(fenced(program), tests, limits=limits) == 1.0
+    assert rewards.code_reward(fenced("def add(a, b):\n    return a - b"), HUMANEVAL_STYLE, limits=limits) == 0.0
+
+
+def test_assert_tests_pass_with_megabytes_on_stderr():
+    program = "import sys\ndef add(a, b):\n    sys.stderr.write('x' * 10_000_000)\n    return a + b\n"
+    assert rewards.code_reward(fenced(program), HUMANEVAL_STYLE) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
 # stdio tests, against a plain-Python reference of the same program.
 
 def doubled_lines(stdin: str) -> str:
@@ -149,6 +388,83 @@ def test_the_program_cannot_read_the_tests_or_the_token():
     assert rewards.code_reward(fenced(program), HUMANEVAL_STYLE) == 0.0
     job = build_jobs("pass", HUMANEVAL_STYLE)[0]
     assert job.token and job.token.decode() in job.files["token"]
+
+
+@pytest.mark.parametrize("actual, expected, abs_tol, rel_tol, match", [
+    ("1.0", "1", 0, 0, True),
+    ("1.50", "1.5", 0, 0, True),
+    ("2.500000", "2.5", 0, 0, True),
+    ("1e3", "1000.0", 0, 0, True),
+    ("-0.0", "0", 0, 0, True),
+    ("+7", "7", 0, 0, True),
+    ("3.0 4.00\n-1\n", "3 4\n-1.0", 0, 0, True),  # every token of every line
+    ("0.30000000000000004", "0.3", 0, 0, False),  # exact as decimals, not as floats
+    ("1.0000000001", "1", 0, 0, False),
+    ("1.5", "1.6", 0, 0, False),
+    ("0.30000000000000004", "0.3", 1e-9, 0, True),
+    ("100.4", "100", 0.5, 0, True),
+    ("100.6", "100", 0.5, 0, False),
+    ("101", "100", 0, 0.01, True),  # relative to the expected value
+    ("102", "100", 0, 0.01, False),
+    ("1e999999999999999999", "1", 0, 1e-6, False),  # beyond what decimal represents
+    ("YES", "yes", 0, 0, False),  # text stays exact
+    ("nan", "nan", 0, 0, True),
+    ("inf", "1e400", 0, 0, False),
+    ("1.0 2", "1", 0, 0, False),
+    ("  8", "8", 0, 0, False),  # whitespace within a line stays exact
+    ("1  2", "1 2", 0, 0, False),
+    ("1,0", "1", 0, 0, False),
+])
+def test_stdio_numbers_compare_as_decimals(actual, expected, abs_tol, rel_tol, match):
+    assert outputs_match(actual, expected, abs_tol, rel_tol) is match
+
+
+def stdio_score(program: str, expected: str, **tolerances) -> float:
+    tests = {"kind": "stdio", "cases": [{"input": "", "output": expected}]}
+    return rewards.code_outcome(fenced(program), tests, LIMITS, **tolerances).value
+
+
+@pytest.mark.parametrize("program, expected, score", [
+    ("print(1.0)", "1", 1.0),
+    ("print('%.2f' % 1.5)", "1.5", 1.0),
+    ("print(f'{2.5:f} {3:.1f}')", "2.5 3", 1.0),
+    ("print(0.1 + 0.2)", "0.3", 0.0),
+    ("print(1.5)", "1.6", 0.0),
+    ("print('1.0'); print('x')", "1\nx", 1.0),
+])
+def test_stdio_programs_printing_numbers_differently(program, expected, score):
+    assert stdio_score(program, expected) == score
+
+
+def test_stdio_tolerance_from_the_tests_or_the_caller():
+    tests = {"kind": "stdio", "rel_tol": 1e-9, "cases": [{"input": "", "output": "0.3"}]}
+    assert rewards.code_reward(fenced("print(0.1 + 0.2)"), tests) == 1.0
+    assert stdio_score("print(0.1 + 0.2)", "0.3", abs_tol=1e-12) == 1.0
+    assert stdio_score("print(0.1 + 0.2)", "0.3", abs_tol=1e-18) == 0.0
+    tighter = dict(tests, rel_tol=1e-18)  # the task's own tolerance wins over the caller's
+    assert rewards.code_outcome(fenced("print(0.1 + 0.2)"), tighter, LIMITS, rel_tol=1.0).value == 0.0
+    with pytest.raises(ValueError, match="abs_tol"):
+        build_jobs("print(1)", {"kind": "stdio", "abs_tol": -1.0, "cases": [{"input": "", "output": "1"}]})
+
+
+def test_tolerance_settings_in_the_config():
+    config = rewards.get_default_config()
+    config.code.abs_tol, config.code.rel_tol = 1e-6, 1e-4
+    settings = rewards.settings_from_config(config)
+    assert (settings.code_abs_tol, settings.code_rel_tol) == (1e-6, 1e-4)
+    config.code.rel_tol = float("nan")
+    with pytest.raises(ValueError, match="rewards.code.rel_tol"):
+        rewards.settings_from_config(config)
+
+
+@pytest.mark.parametrize("program, expected, score", [
+    ("import sys\nprint(42)\nsys.stdout.flush()\nsys.stderr.write('x' * 10_000_000)", "42", 1.0),
+    ("import sys\nfor i in range(3):\n    print(i)\n    sys.stderr.write('e' * 1_000_000)", "0\n1\n2", 1.0),
+    ("import sys\nsys.stderr.write('x' * 2_000_000)\nprint(41)", "42", 0.0),
+    ("import sys\nprint(42)\nsys.stderr.write('x' * 2_000_000)\nraise SystemExit(1)", "42", 0.0),
+])
+def test_stdio_stderr_is_not_judged(program, expected, score):
+    assert stdio_score(program, expected) == score
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,3 +543,21 @@ def test_pool_is_usable_from_threads_one_run_at_a_time():
         for thread in threads:
             thread.join(timeout=120)
     assert sorted(o.value for group in results for o in group) == [1.0] * 9
+
+
+@pytest.mark.parametrize("completion, program", [
+    ("<think>\n```python\ndef f(): return 1\n```\nhmm, or maybe", None),  # reasoning never closed
+    ("<think>```python\ndef f(): return 1\n```</think>\nno code here", None),  # code only inside
+    ("<think>draft</think>\n```python\ndef f(): return 2\n```", "def f(): return 2\n"),
+    ("```python\ndef f(): return 3\n```", "def f(): return 3\n"),  # no thinking tags: as before
+])
+def test_code_is_read_only_after_the_reasoning(completion, program):
+    assert code_tests.extract_program(completion) == program
+
+
+def test_score_batch_applies_the_configured_stdio_tolerance():
+    program = fenced("print(0.1 + 0.2)")  # 0.30000000000000004
+    tests = {"kind": "stdio", "cases": [{"input": "", "output": "0.3\n"}]}
+    scores = [rewards.score_batch([program], [{"tests": tests}], settings=rewards.RewardSettings(
+        num_workers=0, code_rel_tol=rel_tol))[1]["accuracy"][0] for rel_tol in (0.0, 1e-9)]
+    assert scores == [0.0, 1.0]

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from g2rpo_jax import rewards
-from g2rpo_jax.rewards.sandbox import SandboxLimits, resolve_isolation, run_python
+from g2rpo_jax.rewards.sandbox import STDERR_KEEP_BYTES, SandboxLimits, resolve_isolation, run_python
 from tests.process_probe import processes_with
 
 TIMEOUT_S = 1.5
@@ -132,6 +132,62 @@ def test_gaming_the_tests_scores_zero(name, tests):
     assert score(GAMING_PROGRAMS[name], tests).value == 0.0
 
 
+# Tests that only compare with ==, which an object equal to everything passes unless the harness
+# decides every comparison itself; each member below scored 1.0 when only plain functions of the
+# program's globals had their results checked (or, for the token, when tests and program shared
+# a process).
+EQUALITY_TESTS = [
+    {"kind": "assert", "entry_point": "add",
+     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(1, 1) == 2\n"},
+    {"kind": "assert", "entry_point": "", "test": "assert add(2, 3) == 5\nassert add(1, 1) == 2\n"},
+]
+TOKEN_FROM_FRAMES = """import os, sys
+def add(a, b):
+    frame = sys._getframe()
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, (bytes, str)) and len(value) == 32:
+                os.write(3, value if isinstance(value, bytes) else value.encode())
+                os._exit(0)
+        frame = frame.f_back
+    return 0
+"""
+ANY_CALLABLE_PROGRAMS = {
+    # Callables other than plain functions of the program's globals, each returning Anything.
+    "a callable instance": ALWAYS_EQUAL + "class Adder:\n    def __call__(self, a, b):\n        return Anything()\n"
+                           "add = Adder()",
+    "a function made by exec in other globals": ALWAYS_EQUAL + "space = {'Anything': Anything}\n"
+                                                "exec('def add(a, b):\\n    return Anything()', space)\n"
+                                                "add = space['add']",
+    "functools.partial": ALWAYS_EQUAL + "import functools\ndef _add(unused, a, b):\n    return Anything()\n"
+                         "add = functools.partial(_add, None)",
+    "an lru_cache wrapper": ALWAYS_EQUAL + "import functools\n@functools.lru_cache(None)\n"
+                            "def add(a, b):\n    return Anything()",
+    "a class standing in for the function": ALWAYS_EQUAL + "class add:\n    def __new__(cls, a, b):\n"
+                                            "        return Anything()",
+    "a bound method": ALWAYS_EQUAL + "class Helper:\n    def add(self, a, b):\n        return Anything()\n"
+                      "add = Helper().add",
+    # Values whose type is a standard one, or a class, claiming equality.
+    "a Fraction subclass": "from fractions import Fraction\nclass F(Fraction):\n    def __eq__(self, other):\n"
+                           "        return True\n    __hash__ = Fraction.__hash__\ndef add(a, b):\n    return F(0)",
+    "a namedtuple subclass": "from collections import namedtuple\nclass P(namedtuple('P', 'x')):\n"
+                             "    def __eq__(self, other):\n        return True\n    __hash__ = tuple.__hash__\n"
+                             "def add(a, b):\n    return P(0)",
+    "a class whose metaclass says equal": "class Meta(type):\n    def __eq__(cls, other):\n        return True\n"
+                                         "    __hash__ = type.__hash__\nclass Anything(metaclass=Meta):\n    pass\n"
+                                         "def add(a, b):\n    return Anything",
+    # Taking the completion token instead of passing, from the frames of the process.
+    "the token from the harness's frames": TOKEN_FROM_FRAMES,
+}
+
+
+@pytest.mark.parametrize("tests", EQUALITY_TESTS, ids=["entry point", "named function"])
+@pytest.mark.parametrize("name", list(ANY_CALLABLE_PROGRAMS))
+def test_any_callable_or_value_claiming_equality_scores_zero(name, tests):
+    assert score("def add(a, b):\n    return a + b", tests).value == 1.0
+    assert score(ANY_CALLABLE_PROGRAMS[name], tests).value == 0.0
+
+
 @pytest.mark.parametrize("program, test", [
     ("import re\ndef starts_with_vowel(s):\n    return re.match('[aeiou]', s)",
      "assert starts_with_vowel('apple')\nassert not starts_with_vowel('pear')"),
@@ -145,14 +201,81 @@ def test_standard_values_and_builtin_named_functions_still_pass(program, test):
     assert score(program, {"kind": "assert", "entry_point": "", "test": test}).value == 1.0
 
 
+@pytest.mark.parametrize("isolation", MODES)
+def test_the_judge_is_out_of_the_programs_reach(isolation):
+    """The tests run in the program's parent (the judge), which holds the token. Tracing it,
+    reading its memory or opening its descriptors would give the token away; all are refused
+    (it is non-dumpable), so this honest-looking program passes only if every attempt fails."""
+    program = """
+        import ctypes, os
+        def add(a, b):
+            judge, reached = os.getppid(), []
+            for path, mode in ((f"/proc/{judge}/mem", "rb"), (f"/proc/{judge}/fd/3", "wb")):
+                try:
+                    open(path, mode).close()
+                    reached.append(path)
+                except PermissionError:
+                    pass
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.ptrace(16, judge, 0, 0) == 0:  # PTRACE_ATTACH
+                os.waitpid(judge, 0x40000000)  # __WALL
+                libc.ptrace(17, judge, 0, 0)  # PTRACE_DETACH
+                reached.append("ptrace")
+            return a + b if not reached else 0
+    """
+    assert score(program, ADD_TESTS, isolation).value == 1.0
+
+
+# The result of a call as the program's process sends it, forged from inside the call: the judge
+# accepts only well-formed plain data, ends the run (no token) on anything else, and compares
+# what it accepts itself.
+FORGED_REPLIES = {
+    "a code object": "compile('5', 'forged', 'eval')",
+    "a function by name": "('named', 'builtins', 'print')",
+    "a module outside the standard library": "('module', 'g2rpo_jax')",
+    "a reference to a value the tests never passed": "('ref', 'judge', 7)",
+    "an unknown tag": "('anything', 5)",
+    "a value nested beyond the limit": "eval('(\"list\", [' * 300 + '1' + '])' * 300)",
+    "a standard value with wrong arguments": "('value', 'Fraction', ('tuple', ['5', 1]))",
+    "the judge's own os module": "('module', 'os')",
+}
+
+
+@pytest.mark.parametrize("name", list(FORGED_REPLIES))
+def test_forged_replies_score_zero(name):
+    program = f"""
+        import gc, sys
+        def add(a, b):
+            side = next(o for o in gc.get_objects() if type(o) is sys.modules["__main__"].ProgramSide)
+            send = side.pipe.send
+            side.pipe.send = lambda reply: send(("ok", ({FORGED_REPLIES[name]}, [])))
+            return a + b
+    """
+    assert score(program, ADD_TESTS).value == 0.0
+
+
+def test_garbage_on_the_channel_scores_zero():
+    program = """
+        import gc, os, sys
+        side = next(o for o in gc.get_objects() if type(o) is sys.modules["__main__"].ProgramSide)
+        def add(a, b):
+            os.write(side.pipe.write_fd, (100).to_bytes(8, "little") + b"\xff" * 100)
+            return a + b
+    """
+    assert score(program, ADD_TESTS).value == 0.0
+
+
 @needs_namespaces
 def test_signals_to_the_supervisor_change_nothing():
     """PID 1 of the sandbox is the supervisor; a program signalling it must neither end the
     sandbox early nor turn its own result into a sandbox error. (Namespaces only: elsewhere
-    PID 1 is the host's init.)"""
+    PID 1 is the host's init.) The program's own parent is the assert harness's judge, whose
+    parent is the supervisor."""
     program = """
         import os, signal
-        for target in (1, os.getppid()):
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+        for target in {1, supervisor}:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM,
                         signal.SIGUSR1, signal.SIGCHLD, signal.SIGKILL, signal.SIGSTOP):
                 try:
@@ -197,12 +320,11 @@ def test_six_gib_allocation_fails(isolation):
     assert outcome.value == 0.0 and outcome.timeouts == 0
 
 
-@pytest.mark.parametrize("stream", ["stdout", "stderr"])
-def test_output_flood_is_cut_off(stream):
-    program = f"""
+def test_stdout_flood_is_cut_off():
+    program = """
         import sys
         while True:
-            sys.{stream}.write("x" * 65536)
+            sys.stdout.write("x" * 65536)
     """
     started = time.monotonic()
     result = run_python({"main.py": textwrap.dedent(program)}, "main.py", limits=LIMITS)
@@ -210,6 +332,21 @@ def test_output_flood_is_cut_off(stream):
     assert len(result.stdout) <= LIMITS.max_output_bytes + (1 << 16)
     assert time.monotonic() - started < TIMEOUT_S + 5
     assert score(program).value == 0.0
+
+
+def test_stderr_flood_is_drained_and_discarded():
+    """stderr is not judged: a flood neither fails the run early nor fills the host's memory;
+    the endless writer below ends at the time limit like any endless loop."""
+    program = """
+        import sys
+        while True:
+            sys.stderr.write("x" * 65536)
+    """
+    started = time.monotonic()
+    result = run_python({"main.py": textwrap.dedent(program)}, "main.py", limits=LIMITS)
+    assert result.status == "timeout"
+    assert len(result.stderr) <= STDERR_KEEP_BYTES
+    assert time.monotonic() - started < TIMEOUT_S + 5
 
 
 def test_deep_recursion_scores_zero():

@@ -5,7 +5,8 @@ G2RPO_SHARED_DATA), otherwise synthetic programs of the same size (about 1 KB of
 Measures, on the same machine in one run:
   sequential  one execution after another in this process (score_batch with pool=None)
   batched     the same executions on a RewardPool of --workers processes (started beforehand)
-and the CPU time the sandbox costs per execution (an empty program, all processes included).
+the CPU time the sandbox costs per execution (an empty program, all processes included), and
+the CPU time of a whole sequential execution (harness, program and tests included).
 
     python experiments/benchmarks/rewards.py [--n 164 --workers 2 --isolation auto]
 
@@ -59,6 +60,12 @@ def synthetic_row(i: int) -> dict:
             "entry_point": f"running_max_{i}"}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (every sandbox process)."""
+    usages = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
 def sandbox_cpu_per_execution(limits: rewards.SandboxLimits, repeats: int = 20) -> float:
     """CPU seconds (all sandbox processes) of running an empty program."""
     rewards.run_python({"main.py": "pass"}, "main.py", limits=limits)
@@ -86,11 +93,14 @@ def main() -> None:
     cpu = sandbox_cpu_per_execution(limits)
     print(f"rewards/sandbox cpu per empty execution: {cpu * 1000:.1f} ms")
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds()
     outcomes = score_outcomes(completions, examples, settings, None)
     sequential = len(outcomes) / (time.perf_counter() - started)
+    cpu = (cpu_seconds() - cpu_before) / len(outcomes)
     assert all(o.value == 1.0 for o in outcomes), "a reference solution failed"
     print(f"rewards/sequential executions per second: {sequential:.1f}")
+    # Less sensitive than the rates to other work on a shared machine.
+    print(f"rewards/cpu per execution: {cpu * 1000:.1f} ms (all processes)")
 
     with rewards.RewardPool(args.workers) as pool:
         score_outcomes(completions[:args.workers], examples[:args.workers], settings, pool)  # warm

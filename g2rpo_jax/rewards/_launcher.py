@@ -206,10 +206,12 @@ def _setup_mounts(spec, notes):
 
 def _write_files(spec):
     uid, gid = spec["sandbox_uid"], spec["sandbox_gid"]
-    for name, text in spec["files"].items():
+    for name, content in spec["files"].items():
         path = os.path.join(spec["workdir"], name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        with open(path, "wb") as f:
+            f.write(content)
         os.chown(path, uid, gid)
 
 

@@ -5,21 +5,30 @@ Test formats (DESIGN.md):
       `check(<entry_point>)` when an entry point is given (HumanEval); MBPP style asserts work
       with an empty entry point. Reward 1 only if the harness proves every line ran: it writes a
       per-execution token to a private pipe after the last test, so leaving early (sys.exit,
-      os._exit, exit(), a crash, a signal) or printing success-looking text earns 0, and the
-      program cannot change what the tests compute (see _ASSERT_HARNESS).
-  {"kind": "stdio", "cases": [{"input": str, "output": str}, ...]}   each case runs the program
-      with the input on stdin; its full stdout must equal the expected output after stripping
-      trailing whitespace on every line and trailing blank lines, and the program must exit with
-      status 0. Reward = fraction of cases passed.
+      os._exit, exit(), a crash, a signal) or printing success-looking text earns 0. The tests
+      run in a process of their own that never executes program code, and every value the
+      program hands them crosses as plain data (see _assert_harness.py), so the program decides
+      nothing but the values it returns.
+  {"kind": "stdio", "cases": [{"input": str, "output": str}, ...], "abs_tol": float,
+   "rel_tol": float}   each case runs the program with the input on stdin; the program must exit
+      with status 0 and its stdout match the expected output (see `outputs_match`): line by line
+      after stripping trailing whitespace and trailing blank lines, whitespace within a line
+      exactly, and each token exactly or, when both are decimal numbers, by value (1.0 == 1,
+      1.50 == 1.5), within the optional tolerances (defaults: the `rewards.code.abs_tol` /
+      `rel_tol` settings, 0 = exact). stderr is not judged. Reward = fraction of cases passed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
 import os
+import pathlib
 import re
 from typing import Mapping, Sequence
 
+from g2rpo_jax.rewards.math_answers import after_thinking
 from g2rpo_jax.rewards.outcome import RewardOutcome
 from g2rpo_jax.rewards.sandbox import (ExecutionResult, SandboxLimits, log_protections_once,
                                        resolve_isolation, run_python)
@@ -32,10 +41,14 @@ PYTHON_FENCE_TAGS = ("python", "py", "python3", "")
 # fence at a line start. Unclosed blocks (truncated generations) do not match.
 _FENCE_RE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)
 
-# Shared prelude of both runners. Programs run with `python -I -S` by default (site processing
-# dominates start-up time), which leaves out the `exit`/`quit` builtins that `site` adds; they
-# are put back so that programs ending with `exit()` behave as under a normal interpreter.
-_PRELUDE = r'''import builtins, os, sys
+# The assert harness (see _assert_harness.py), shipped into the sandbox as harness.py.
+_ASSERT_HARNESS = pathlib.Path(__file__).with_name("_assert_harness.py").read_text(encoding="utf-8")
+
+# The stdio runner: the program runs as the __main__ module, like `python main.py`. Programs run
+# with `python -I -S` by default (site processing dominates start-up time), which leaves out the
+# `exit`/`quit` builtins that `site` adds; they are put back so that programs ending with
+# `exit()` behave as under a normal interpreter.
+_STDIO_RUNNER = r'''import builtins, os, sys
 
 class _Exit:
     def __init__(self, name):
@@ -50,154 +63,41 @@ class _Exit:
 if not hasattr(builtins, "exit"):
     builtins.exit, builtins.quit = _Exit("exit"), _Exit("quit")
 
-def _load(name):
-    with open(name, "rb") as f:
-        data = f.read()
-    os.unlink(name)
-    return data.decode("utf-8")
-
-def _fresh_module(name, filename):
-    module = type(sys)(name)
-    module.__file__ = os.path.abspath(filename)
-    module.__builtins__ = builtins
-    sys.modules[name] = module
-    return module
-'''
-
-# The assert harness. It reads and deletes the token and the tests before the program runs, so
-# the program can neither read the expected values from disk nor learn the token from a file;
-# the token is written to descriptor 3 only after the last test ran.
-#
-# Tests and program share a process, so the harness keeps what the tests rely on out of the
-# program's reach:
-# - exec, compile and os.write are bound before the program runs (rebinding them in `builtins`
-#   would otherwise skip the tests and still write the token);
-# - the tests run in their own namespace with a copy of the original builtins. When they name an
-#   entry point (HumanEval), they see none of the program's names that shadow a builtin, so a
-#   program defining `set` or `abs` cannot change what they compute. Without one (MBPP), such a
-#   name stays visible if it is a function, because the task may ask for a function called `sum`;
-# - the attributes of every module loaded before the program (math included) are put back after
-#   the program runs and after each call the tests make into it (`math.isclose = ...`);
-# - what a program function returns to the tests (and everything inside it) must behave as
-#   standard: no class in its type's MRO may define a special method (`__eq__`, `__bool__`,
-#   `__str__`, ...) in the program's own code, so an object whose `__eq__` always says True, or an
-#   `int` subclass overriding it, fails the call. Standard-library classes (re.Match, Counter,
-#   Fraction) and the program's plain classes pass.
-# What this does not stop: a program that inspects the harness itself (its frames, or the garbage
-# collector's objects) can find the token. Closing that needs the tests in a separate process.
-_ASSERT_HARNESS = _PRELUDE + r"""
-import math, types
-
-def _run(exec=exec, compile=compile, write=os.write, exit_now=os._exit):
-    token = _load("token").encode()
-    test_stages = [("tests.py", _load("tests.py"))]
-    has_entry_point = os.path.exists("check.py")
-    if has_entry_point:
-        test_stages.append(("check.py", _load("check.py")))
-    program = _load("solution.py")
-    pristine_builtins = dict(builtins.__dict__)
-    modules = {module: dict(vars(module)) for module in list(sys.modules.values())
-               if isinstance(module, types.ModuleType)}
-    check_returned = _standard_value_checker()
-
-    def restore_modules():
-        for module, attributes in modules.items():
-            namespace = vars(module)
-            for name in [name for name in namespace if name not in attributes]:
-                del namespace[name]
-            namespace.update(attributes)
-
-    def checked(function):
-        def call(*args, **kwargs):
-            try:
-                return check_returned(function.__name__, function(*args, **kwargs))
-            finally:
-                restore_modules()
-        return call
-
-    solution = _fresh_module("solution", "solution.py").__dict__
-    exec(compile(program, "solution.py", "exec"), solution)
-    restore_modules()
-    tests = {"__name__": "tests", "__builtins__": dict(pristine_builtins)}
-    for name, value in solution.items():
-        is_program_function = isinstance(value, types.FunctionType) and value.__globals__ is solution
-        if name not in pristine_builtins or (is_program_function and not has_entry_point):
-            tests[name] = checked(value) if is_program_function else value
-    for filename, source in test_stages:
-        exec(compile(source, filename, "exec"), tests)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    write(3, token)
-    exit_now(0)
-
-def _standard_value_checker():
-    stdlib = os.path.dirname(os.__file__) + os.sep
-    constructors = {"__init__", "__new__", "__init_subclass__", "__class_getitem__"}
-    trusted = {int, float, complex, bool, str, bytes, type(None), list, tuple, dict, set, frozenset, object}
-
-    def standard_code(cls, name, impl):
-        if isinstance(impl, (classmethod, staticmethod)):
-            impl = impl.__func__
-        if isinstance(impl, types.FunctionType):
-            return impl.__code__.co_filename.startswith(stdlib)
-        c_level = (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
-                   types.GetSetDescriptorType, types.MemberDescriptorType, types.ClassMethodDescriptorType)
-        return (isinstance(impl, c_level) and getattr(impl, "__objclass__", cls) is cls
-                and getattr(impl, "__name__", name) == name)
-
-    def check_type(function_name, kind):
-        for cls in kind.__mro__:
-            for name, impl in vars(cls).items():
-                special_method = name.startswith("__") and name.endswith("__") and name not in constructors and (
-                    callable(impl) or isinstance(impl, (classmethod, staticmethod)))
-                if special_method and not standard_code(cls, name, impl):
-                    raise TypeError("%s() returned a %s, whose %s is the program's own code; tests compare "
-                                    "only values with standard behaviour" % (function_name, kind.__qualname__, name))
-        trusted.add(kind)
-
-    def check(function_name, value, depth=0):
-        kind = type(value)
-        if kind not in trusted:
-            check_type(function_name, kind)
-        if depth >= 50:
-            return value
-        if isinstance(value, dict):
-            for key, item in value.items():
-                check(function_name, key, depth + 1)
-                check(function_name, item, depth + 1)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                check(function_name, item, depth + 1)
-        elif hasattr(kind, "__next__"):
-            return (check(function_name, item, depth + 1) for item in value)
-        return value
-    return check
-
-_run()
-"""
-
-# The stdio runner: the program runs as the __main__ module, like `python main.py`.
-_STDIO_RUNNER = _PRELUDE + r'''
 def _run():
-    source = _load("main.py")
+    with open("main.py", "rb") as f:
+        source = f.read().decode("utf-8")
+    os.unlink("main.py")
     sys.argv = ["main.py"]
-    namespace = _fresh_module("__main__", "main.py").__dict__
-    exec(compile(source, "main.py", "exec"), namespace)
+    module = type(sys)("__main__")
+    module.__file__ = os.path.abspath("main.py")
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    exec(compile(source, "main.py", "exec"), module.__dict__)
 
 _run()
 '''
+
+# A decimal number token of a stdio output: sign, digits with an optional point, exponent. Other
+# spellings Decimal accepts (inf, nan, 1_000) stay text and compare exactly.
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_WHITESPACE_RE = re.compile(r"(\s+)")
+# Arithmetic for tolerances: exponents of any size without overflow errors.
+_TOLERANCE_CONTEXT = decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionJob:
     """One program run and how to judge it. `token` (assert harness) never leaves the host
-    except through the file the harness deletes; `expected_output` is for stdio cases."""
+    except through the file the harness deletes; `expected_output` and the tolerances are for
+    stdio cases."""
 
     files: Mapping[str, str]
     main_file: str
     stdin: bytes = b""
     token: bytes = b""
     expected_output: str | None = None
+    abs_tol: float = 0.0
+    rel_tol: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +111,11 @@ def extract_program(completion: str, mode: str = "last_block") -> str | None:
     """The last fenced python block (or the whole completion); None when there is none.
 
     Blocks tagged python/py/python3 win; an untagged block is used only when no block is tagged
-    (an untagged block after the code is more often sample output than a program)."""
+    (an untagged block after the code is more often sample output than a program). Only the
+    text after the reasoning counts: None while a <think> is still open (see `after_thinking`)."""
+    completion = after_thinking(completion)
+    if completion is None:
+        return None
     if mode == "whole":
         return completion if completion.strip() else None
     if mode != "last_block":
@@ -231,6 +135,51 @@ def normalize_output(text: str) -> str:
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines)
+
+
+def numbers_match(actual: str, expected: str, abs_tol: float = 0.0, rel_tol: float = 0.0) -> bool:
+    """Both tokens are decimal numbers and `actual` equals `expected` exactly as decimals
+    (1.0 == 1, 1.50 == 1.5, 1e3 == 1000), or lies within abs_tol of it or within rel_tol times
+    its magnitude. Decimals, not floats: 0.30000000000000004 != 0.3 unless a tolerance says so."""
+    if not (_NUMBER_RE.fullmatch(actual) and _NUMBER_RE.fullmatch(expected)):
+        return False
+    context = _TOLERANCE_CONTEXT
+    try:
+        actual_value, expected_value = decimal.Decimal(actual), decimal.Decimal(expected)
+        if actual_value == expected_value:
+            return True
+        difference = context.abs(context.subtract(actual_value, expected_value))
+        return (difference <= decimal.Decimal(repr(abs_tol))
+                or difference <= context.multiply(decimal.Decimal(repr(rel_tol)),
+                                                  context.abs(expected_value)))
+    except decimal.DecimalException:  # an exponent beyond what decimal represents
+        return False
+
+
+def lines_match(actual: str, expected: str, abs_tol: float = 0.0, rel_tol: float = 0.0) -> bool:
+    """Same whitespace between tokens, and each token equal or a matching number."""
+    if actual == expected:
+        return True
+    # Splitting on a captured group: tokens at even positions, whitespace runs at odd ones.
+    actual_parts, expected_parts = _WHITESPACE_RE.split(actual), _WHITESPACE_RE.split(expected)
+    return len(actual_parts) == len(expected_parts) and all(
+        a == e or (i % 2 == 0 and numbers_match(a, e, abs_tol, rel_tol))
+        for i, (a, e) in enumerate(zip(actual_parts, expected_parts)))
+
+
+def outputs_match(actual: str, expected: str, abs_tol: float = 0.0, rel_tol: float = 0.0) -> bool:
+    """A stdio program's output against the expected one (see the module docstring)."""
+    actual_lines = normalize_output(actual).split("\n")
+    expected_lines = normalize_output(expected).split("\n")
+    return len(actual_lines) == len(expected_lines) and all(
+        lines_match(a, e, abs_tol, rel_tol) for a, e in zip(actual_lines, expected_lines))
+
+
+def validate_tolerance(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value!r}; must be a finite number >= 0")
+    return float(value)
 
 
 def validate_tests(tests: Mapping) -> None:
@@ -253,10 +202,15 @@ def validate_tests(tests: Mapping) -> None:
             if not (isinstance(case, Mapping) and isinstance(case.get("input"), str)
                     and isinstance(case.get("output"), str)):
                 raise ValueError(f"tests['cases'][{i}] must be {{'input': str, 'output': str}}")
+        for key in ("abs_tol", "rel_tol"):
+            if key in tests:
+                validate_tolerance(f"tests[{key!r}]", tests[key])
 
 
-def build_jobs(program: str, tests: Mapping) -> list[ExecutionJob]:
-    """The executions that score `program` against `tests`."""
+def build_jobs(program: str, tests: Mapping, *, abs_tol: float = 0.0,
+               rel_tol: float = 0.0) -> list[ExecutionJob]:
+    """The executions that score `program` against `tests`. `abs_tol` / `rel_tol`: numeric
+    tolerances of stdio outputs for tasks whose tests give none."""
     validate_tests(tests)
     if tests["kind"] == "assert":
         token = os.urandom(16).hex()
@@ -266,8 +220,11 @@ def build_jobs(program: str, tests: Mapping) -> list[ExecutionJob]:
         if entry_point:
             files["check.py"] = f"check({entry_point})\n"
         return [ExecutionJob(files, "harness.py", token=token.encode())]
+    abs_tol = validate_tolerance("abs_tol", tests.get("abs_tol", abs_tol))
+    rel_tol = validate_tolerance("rel_tol", tests.get("rel_tol", rel_tol))
     return [ExecutionJob({"runner.py": _STDIO_RUNNER, "main.py": program}, "runner.py",
-                         stdin=case["input"].encode("utf-8"), expected_output=case["output"])
+                         stdin=case["input"].encode("utf-8"), expected_output=case["output"],
+                         abs_tol=abs_tol, rel_tol=rel_tol)
             for case in tests["cases"]]
 
 
@@ -281,14 +238,14 @@ def judge(job: ExecutionJob, result: ExecutionResult) -> JobResult:
     if job.token:
         passed = result.result_channel == job.token
         return JobResult(passed, result.status, "" if passed else "tests did not run to the end")
-    actual = normalize_output(result.stdout.decode("utf-8", "replace"))
-    passed = actual == normalize_output(job.expected_output or "")
+    passed = outputs_match(result.stdout.decode("utf-8", "replace"), job.expected_output or "",
+                           job.abs_tol, job.rel_tol)
     return JobResult(passed, result.status, "" if passed else "wrong output")
 
 
 def run_job(job: ExecutionJob, limits: SandboxLimits) -> JobResult:
     result = run_python(job.files, job.main_file, limits=limits, stdin=job.stdin,
-                        result_channel=bool(job.token))
+                        result_channel=bool(job.token), compile_main=True)
     return judge(job, result)
 
 
@@ -303,7 +260,8 @@ def combine(results: Sequence[JobResult]) -> RewardOutcome:
 
 
 def code_outcome(completion: str, tests: Mapping, limits: SandboxLimits | None = None, *,
-                 extract: str = "last_block") -> RewardOutcome:
+                 extract: str = "last_block", abs_tol: float = 0.0,
+                 rel_tol: float = 0.0) -> RewardOutcome:
     """`code_reward` with the events (parse failure, timeouts, sandbox errors) kept."""
     limits = resolve_isolation((limits or SandboxLimits()).validate())
     log_protections_once(limits)
@@ -311,17 +269,21 @@ def code_outcome(completion: str, tests: Mapping, limits: SandboxLimits | None =
     program = extract_program(completion, extract)
     if program is None:
         return RewardOutcome(0.0, parse_failure=True, detail="no python code block")
-    return combine([run_job(job, limits) for job in build_jobs(program, tests)])
+    jobs = build_jobs(program, tests, abs_tol=abs_tol, rel_tol=rel_tol)
+    return combine([run_job(job, limits) for job in jobs])
 
 
 def code_reward(completion: str, tests: Mapping, timeout_s: float | None = None, *,
-                limits: SandboxLimits | None = None, extract: str = "last_block") -> float:
+                limits: SandboxLimits | None = None, extract: str = "last_block",
+                abs_tol: float = 0.0, rel_tol: float = 0.0) -> float:
     """Fraction of tests passed by the program in `completion` (see module docstring).
 
     `timeout_s` is the wall-clock limit of each execution (default: `limits.timeout_s`, 10 s);
-    `limits` sets the others (memory, processes, output, isolation, ...).
+    `limits` sets the others (memory, processes, output, isolation, ...); `abs_tol` / `rel_tol`
+    are the numeric tolerances of stdio outputs for tests that give none.
     """
     limits = limits or SandboxLimits()
     if timeout_s is not None:
         limits = dataclasses.replace(limits, timeout_s=timeout_s)
-    return code_outcome(completion, tests, limits, extract=extract).value
+    return code_outcome(completion, tests, limits, extract=extract, abs_tol=abs_tol,
+                        rel_tol=rel_tol).value

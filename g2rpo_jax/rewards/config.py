@@ -7,6 +7,7 @@ from typing import Mapping
 
 import ml_collections
 
+from g2rpo_jax.rewards.code_tests import validate_tolerance
 from g2rpo_jax.rewards.math_answers import ANSWER_SOURCES, MathSettings
 from g2rpo_jax.rewards.sandbox import SandboxLimits
 
@@ -21,6 +22,9 @@ class RewardSettings:
     math: MathSettings = MathSettings()
     code_extract: str = "last_block"  # last_block | whole
     code_limits: SandboxLimits = SandboxLimits()
+    # Numeric tolerances of stdio outputs, for tasks whose tests give none (0: exact decimals).
+    code_abs_tol: float = 0.0
+    code_rel_tol: float = 0.0
     require_think: bool = False
 
 
@@ -38,7 +42,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         "max_nesting_depth": math.max_nesting_depth,
     })
     config.code = ml_collections.ConfigDict(
-        {"extract": "last_block", **dataclasses.asdict(code)})
+        {"extract": "last_block", "abs_tol": 0.0, "rel_tol": 0.0, **dataclasses.asdict(code)})
     config.format = ml_collections.ConfigDict({"require_think": False})
     return config
 
@@ -61,6 +65,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
     math = MathSettings(**math_keys).validate()
     code = dict(config.code)
     extract = code.pop("extract")
+    abs_tol = validate_tolerance("rewards.code.abs_tol", code.pop("abs_tol", 0.0))
+    rel_tol = validate_tolerance("rewards.code.rel_tol", code.pop("rel_tol", 0.0))
     if extract not in ("last_block", "whole"):
         raise ValueError(f"rewards.code.extract={extract!r}; valid: ('last_block', 'whole')")
     fields = {f.name for f in dataclasses.fields(SandboxLimits)}
@@ -73,4 +79,5 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
     return RewardSettings(weights=validate_weights(dict(config.weights)),
                           num_workers=num_workers, math=math, code_extract=extract,
                           code_limits=SandboxLimits(**code).validate(),
+                          code_abs_tol=abs_tol, code_rel_tol=rel_tol,
                           require_think=bool(config.format.require_think))

@@ -64,7 +64,8 @@ def score_outcomes(completions: Sequence[str], examples: Sequence[Any],
         if program is None:
             outcomes[i] = RewardOutcome(0.0, parse_failure=True, detail="no python code block")
             continue
-        for job in build_jobs(program, _field(example, "tests")):
+        for job in build_jobs(program, _field(example, "tests"), abs_tol=settings.code_abs_tol,
+                              rel_tol=settings.code_rel_tol):
             hard = limits.timeout_s + limits.setup_timeout_s + CODE_HARD_SLACK_S
             tasks.append(("job", (job, limits), hard))
             owners.append(i)
