@@ -43,8 +43,13 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
     if model_cfg.random_init:
         path = os.path.join(workdir, "random_init_model")
         if not os.path.exists(os.path.join(path, "config.json")):
-            models.write_random_checkpoint(path, models.TINY_QWEN3)
-            log(f"wrote a random-init tiny Qwen3 checkpoint to {path}")
+            tokenizer_dir = model_cfg.random_init_tokenizer or None
+            model_shape = models.TINY_QWEN3
+            if tokenizer_dir:  # the tiny model's vocabulary and special tokens follow the tokenizer
+                model_shape = models.tiny_qwen3_for(models.load_tokenizer(tokenizer_dir))
+            models.write_random_checkpoint(path, model_shape, seed=model_cfg.random_init_seed,
+                                           tokenizer_dir=tokenizer_dir)
+            log(f"wrote a random-init tiny Qwen3 checkpoint (vocabulary {model_shape.vocab_size}) to {path}")
         return path
     if not model_cfg.checkpoint:
         raise ValueError("model.checkpoint is empty: pass --config.model.checkpoint=/path/to/hf_dir "

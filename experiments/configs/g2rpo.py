@@ -1,7 +1,8 @@
 """Training configs: `--config=experiments/configs/g2rpo.py:<preset>[,<variant>]`.
 
 Presets
-  demo        tiny random-init Qwen3 (real Qwen3 tokenizer), the shipped arithmetic set, CPU, ~2 min
+  demo        4-digit addition, a tiny Qwen3 with a character-level tokenizer, CPU (`make demo`
+              runs the whole experiment: experiments/demo.py)
   qwen3_math  a real Qwen3 checkpoint (--config.model.checkpoint=DIR) on a MATH-style training file
               (--config.data.source=FILE); the paper's math setting
   qwen3_code  the same for code (HumanEval/MBPP-style assert tests or stdin/stdout cases)
@@ -18,11 +19,15 @@ Variants (the methods the paper compares; each is only a few overrides)
 Any key can then be overridden: --config.guidance.alpha=0.5 --config.step.beta=0 ...
 """
 
+import os
+
 import ml_collections
 
 from g2rpo_jax import data, guidance, optim, rewards, sharding, train_step
 from g2rpo_jax import eval as evaluation
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_DATA = os.path.join(REPO, "experiments", "data")  # the demo's files, whatever the working directory
 VARIANTS = ("grpo", "clip_higher", "naive", "adaptive", "ratio", "linear_decay", "sft")
 
 
@@ -33,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
         "reference": "",  # '' = the same checkpoint
         "dtype": "bfloat16",
         "random_init": False,  # write a tiny random-init checkpoint into the workdir instead
+        "random_init_tokenizer": "",  # its tokenizer directory ('' = Qwen3's); sets the vocabulary
+        "random_init_seed": 0,
     })
     cfg.data = data.get_default_config()
     cfg.rewards = rewards.get_default_config()
@@ -57,38 +64,51 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def demo(cfg: ml_collections.ConfigDict) -> None:
+    """The demo task: 4-digit addition worked column by column (experiments/data/make_addition.py),
+    a tiny Qwen3 with a character-level tokenizer, CPU. `make demo` (experiments/demo.py) runs the
+    SFT warm start (`demo,sft`, from random init) and then the compared methods from its checkpoint
+    with --config.model.checkpoint=<sft run>/final_hf."""
     cfg.model.random_init = True
+    cfg.model.random_init_tokenizer = os.path.join(DEMO_DATA, "addition_tokenizer")
     cfg.model.dtype = "float32"
-    cfg.data.source = "experiments/data/arithmetic.jsonl"
+    cfg.data.source = os.path.join(DEMO_DATA, "addition_train.jsonl")
     cfg.data.adapter = "math"
-    cfg.data.enable_thinking = False
-    cfg.data.max_prompt_tokens = 128
-    cfg.data.batch_size = 4
+    cfg.data.template = "plain"  # 'Question:\n3482+1759=\n\nAnswer:\n'
+    cfg.data.instruction = ""
+    cfg.data.max_prompt_tokens = 64
+    cfg.data.batch_size = 8
     cfg.rewards.num_workers = 0
-    cfg.rewards.weights.format = 0.1
-    cfg.sampling.max_new_tokens = 40
-    cfg.step.group_size = 4
+    cfg.rewards.weights.format = 0.0  # reward 1 only for the exact final answer
+    cfg.sampling.max_new_tokens = 68  # the full trajectory is 62-64 tokens, then <eos>
+    cfg.step.group_size = 8
     cfg.step.beta = 0.0
+    # Guidance: the four columns are the first 50 tokens (they end at 11, 23, 36, 50); the boxed
+    # answer is never forced.
     cfg.guidance.alpha = 0.5
-    cfg.guidance.initial_length = 32
-    cfg.guidance.max_length = 40
-    cfg.guidance.min_length = 1
+    cfg.guidance.initial_length = 24  # about two of the four columns
+    cfg.guidance.min_length = 0
+    cfg.guidance.max_length = 50
     cfg.guidance.delta = 4
     cfg.guidance.window = 3
-    cfg.optim.learning_rate = 3e-3
-    cfg.optim.min_learning_rate = 3e-4
-    cfg.optim.warmup_steps = 2
-    cfg.optim.total_steps = 16
-    cfg.run.workdir = "runs/demo"
-    cfg.run.eval_every = 8  # on a held-out slice of the same arithmetic set
-    cfg.eval.tasks = "file:experiments/data/arithmetic.jsonl:math"
-    cfg.eval.limit = 8
-    cfg.eval.num_samples = 2
-    cfg.eval.max_new_tokens = 40
-    cfg.eval.prompt.enable_thinking = False
+    cfg.optim.learning_rate = 1e-4  # GRPO degrades on this task from about 2e-4
+    cfg.optim.min_learning_rate = 1e-4  # constant
+    cfg.optim.total_steps = 300
+    cfg.run.workdir = "runs/demo/g2rpo_a"
+    cfg.run.total_steps = 300
+    cfg.run.checkpoint_every = 100
+    cfg.run.eval_every = 50
+    cfg.run.save_hf_at_end = True
+    # Held-out accuracy: greedy, unguided, on the disjoint held-out split (never trained on).
+    cfg.eval.tasks = f"file:{os.path.join(DEMO_DATA, 'addition_heldout.jsonl')}:math"
+    cfg.eval.num_samples = 1
+    cfg.eval.temperature = 1.0
+    cfg.eval.top_k = 1  # greedy
+    cfg.eval.top_p = 1.0
+    cfg.eval.max_new_tokens = 68
+    cfg.eval.batch_size = 512
+    cfg.eval.prompt.template = "plain"
+    cfg.eval.prompt.instruction = ""
     cfg.eval.rewards.num_workers = 0
-    cfg.run.total_steps = 16
-    cfg.run.checkpoint_every = 8
 
 
 def qwen3_math(cfg: ml_collections.ConfigDict) -> None:

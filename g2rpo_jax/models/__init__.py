@@ -17,12 +17,13 @@ from g2rpo_jax.models.qwen3 import (
     param_logical_axes,
     token_logprobs,
 )
-from g2rpo_jax.models.random_checkpoint import TINY_QWEN3, write_random_checkpoint
+from g2rpo_jax.models.random_checkpoint import TINY_QWEN3, tiny_qwen3_for, write_random_checkpoint
 from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 
 __all__ = [
     "KVCache",
     "TINY_QWEN3",
+    "tiny_qwen3_for",
     "Qwen3Config",
     "Qwen3Model",
     "config_from_hf",

@@ -1,0 +1,73 @@
+"""The demo experiment's orchestrator end to end on a tiny budget: its runs, summary.json, report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("grpo", "naive", "naive_alpha1", "g2rpo_a")
+HELDOUT = "eval/addition_heldout/pass@1"
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_demo(out):
+    command = [sys.executable, "experiments/demo.py", "--out", str(out), "--seeds", "3", "--sft_steps", "2",
+               "--rl_steps", "2", "--eval_every", "1", "--extra=--config.eval.limit=16"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "runs"
+    return out, run_demo(out)
+
+
+def test_summary_follows_the_contract_and_the_runs_metrics(demo):
+    out, stdout = demo
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert set(summary) >= {"methods", "warm_start_heldout_accuracy", "seconds"}
+    assert summary["seconds"] > 0
+    sft = read_metrics(out / "sft")
+    assert summary["warm_start_heldout_accuracy"] == sft[-1][HELDOUT]
+    assert set(summary["methods"]) == set(METHODS)
+    for name in METHODS:
+        entry = summary["methods"][name]
+        records = read_metrics(out / name / "seed3")
+        assert [r["step"] for r in records] == [1, 2]
+        assert entry["seeds"] == [3]
+        # Greedy held-out accuracy at the end of training, and means over every training step.
+        assert entry["heldout_accuracy"] == [records[-1][HELDOUT]]
+        assert entry["zero_std_group_share"] == pytest.approx(np.mean([r["zero_std_group_fraction"] for r in records]))
+        assert entry["adv_std_mean"] == pytest.approx(np.mean([r["guidance/advantage_std"] for r in records]))
+        assert all(0.0 <= a <= 1.0 for a in entry["heldout_accuracy"])
+    # Each method is the run it claims to be: its share of guided rollouts and its ℓ.
+    share = {name: read_metrics(out / name / "seed3")[0]["guidance/guided_rollout_share"] for name in METHODS}
+    assert share == {"grpo": 0.0, "naive": 0.5, "naive_alpha1": 1.0, "g2rpo_a": 0.5}
+    naive_lengths = {r["guidance/length"] for r in read_metrics(out / "naive" / "seed3")}
+    assert len(naive_lengths) == 1
+    # Every run started from the SFT warm start's exported checkpoint.
+    for name in METHODS:
+        with open(out / name / "seed3" / "config.json") as f:
+            assert json.load(f)["model"]["checkpoint"] == str(out / "sft" / "final_hf")
+    # The console shows the table, the report embeds the plot.
+    assert "G²RPO-A (adaptive ℓ)" in stdout and "zero-std groups" in stdout
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert 'src="demo.png"' in (out / "report.html").read_text()
+
+
+def test_rerunning_reuses_finished_runs(demo):
+    out, _ = demo
+    stdout = run_demo(out)
+    assert "reusing 1 finished run(s)" in stdout and "reusing 4 finished run(s)" in stdout
+    assert "started" not in stdout
