@@ -64,6 +64,8 @@ class Run:
     workdir: str
     args: list[str]  # the train command's arguments after `python -m g2rpo_jax.train`
     total_steps: int
+    method: str = ""  # '' for the warm start
+    seed: int = 0
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "g2rpo_jax.train", *self.args]
@@ -120,7 +122,8 @@ def plan(args: argparse.Namespace) -> tuple[Run, list[Run]]:
             extra = (cache, f"--config.model.checkpoint={warm_start}", "--config.model.random_init=False",
                      f"--config.run.seed={seed}", f"--config.data.seed={seed}", *overrides, *args.extra)
             runs.append(Run(f"{method}/seed{seed}", workdir,
-                            train_args(variant, workdir, args.rl_steps, args.eval_every, extra), args.rl_steps))
+                            train_args(variant, workdir, args.rl_steps, args.eval_every, extra), args.rl_steps,
+                            method, seed))
     return sft, runs
 
 
@@ -216,13 +219,13 @@ def summarize(sft: Run, runs: Sequence[Run], methods: Sequence[str], seconds: fl
     sft_records = plot.read_metrics(sft.workdir)
     summary: dict = {"methods": {}, "warm_start_heldout_accuracy": last_value(sft_records, HELDOUT_KEY, sft.total_steps)}
     for method in methods:
-        method_runs = [r for r in runs if r.name.startswith(method + "/")]
+        method_runs = [r for r in runs if r.method == method]
         records = [plot.read_metrics(r.workdir) for r in method_runs]
         summary["methods"][method] = {
             "heldout_accuracy": [last_value(rec, HELDOUT_KEY, r.total_steps) for rec, r in zip(records, method_runs)],
             "zero_std_group_share": float(np.mean([mean_over_steps(rec, "zero_std_group_fraction") for rec in records])),
             "adv_std_mean": float(np.mean([mean_over_steps(rec, "guidance/advantage_std") for rec in records])),
-            "seeds": [int(r.name.rsplit("seed", 1)[1]) for r in method_runs],
+            "seeds": [r.seed for r in method_runs],
             "reward_guided_mean": float(np.mean([mean_over_steps(rec, "guidance/reward_guided") for rec in records])),
             "reward_unguided_mean": float(np.mean([mean_over_steps(rec, "guidance/reward_unguided") for rec in records])),
             "guidance_length_mean": float(np.mean([mean_over_steps(rec, "guidance/length") for rec in records])),
@@ -296,7 +299,7 @@ def draw(sft: Run, runs: Sequence[Run], methods: Sequence[str], path: str) -> No
     for axis, (key, title, smoothed) in zip(axes.flat, panels):
         for method in methods:
             curves = []
-            for run in (r for r in runs if r.name.startswith(method + "/")):
+            for run in (r for r in runs if r.method == method):
                 steps, values = plot.series(plot.read_metrics(run.workdir), key)
                 if key == HELDOUT_KEY:  # every run starts from the warm start's accuracy
                     steps, values = [0, *steps], [warm, *values]
@@ -345,6 +348,18 @@ groups included) and averaged over steps. Both are means over all training steps
         f.write(page)
 
 
+def accumulated_seconds(out: str, seconds: float) -> float:
+    """Wall time spent on the experiment over every invocation (a resumed or reused one adds its
+    own), kept in OUT/elapsed_seconds.txt."""
+    path = os.path.join(out, "elapsed_seconds.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            seconds += float(f.read())
+    with open(path, "w") as f:
+        f.write(f"{seconds:.1f}")
+    return seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = time.time()
@@ -355,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"after {args.sft_steps} SFT steps; {args.jobs} run(s) at a time; output in {out}", flush=True)
     run_all([sft], 1, started_at)
     run_all(runs, args.jobs, started_at)
-    summary = summarize(sft, runs, args.methods, time.time() - started_at)
+    summary = summarize(sft, runs, args.methods, accumulated_seconds(out, time.time() - started_at))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     text_table = table(summary)
@@ -365,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + text_table + "\n")
     for line in findings(summary):
         print(line)
-    print(f"\n[demo] {out}/summary.json, demo.png and report.html written in {format_seconds(summary['seconds'])}")
+    print(f"\n[demo] {out}/summary.json, demo.png and report.html written; the experiment took "
+          f"{format_seconds(summary['seconds'])} in all")
     return 0
 
 
