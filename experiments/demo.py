@@ -50,6 +50,10 @@ METHODS = {
 LABELS = {"grpo": "GRPO", "naive": "naive ℓ fixed, α=½", "naive_alpha1": "naive ℓ fixed, α=1",
           "g2rpo_a": "G²RPO-A (adaptive ℓ)"}
 COLORS = {"grpo": "tab:gray", "naive": "tab:orange", "naive_alpha1": "tab:red", "g2rpo_a": "tab:blue"}
+# Methods whose curves coincide (e.g. all at zero) stay visible: GRPO wide underneath, the naive
+# ones dashed and dotted on top.
+LINES = {"grpo": dict(linewidth=3.5, linestyle="-"), "naive": dict(linewidth=1.8, linestyle="--"),
+         "naive_alpha1": dict(linewidth=1.8, linestyle=":"), "g2rpo_a": dict(linewidth=1.8, linestyle="-")}
 
 # The warm start: SFT at a constant 1e-3 for a fixed number of steps. Held-out accuracy climbs
 # steeply around here (about 1% at 400 steps, 7% at 450, 25% at 500 on one machine), so the step
@@ -84,11 +88,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra", action="append", default=[],
                         help="a --config.<key>=<value> override for every RL run (repeatable)")
     args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:  # each seed and method once, in the order given
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2")
+    args.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods has unknown {unknown}; valid: {list(METHODS)}")
+    if not args.methods:
+        parser.error(f"--methods is empty; give at least one of {list(METHODS)}")
     if not args.seeds:
         parser.error("--seeds is empty; give at least one seed, e.g. --seeds 0")
     for flag in ("rl_steps", "sft_steps", "eval_every", "jobs"):
@@ -159,17 +168,15 @@ def format_seconds(seconds: float) -> str:
 
 
 def run_all(runs: Sequence[Run], jobs: int, started_at: float) -> None:
-    """Trains `runs`, `jobs` at a time, printing progress (runs, steps, ETA) until all are done."""
+    """Trains the unfinished `runs`, `jobs` at a time, printing progress (runs, steps, and the ETA
+    of this stage at the step rate seen since its first step) until all are done."""
     pending = [r for r in runs if not is_finished(r)]
-    reused = len(runs) - len(pending)
-    if reused:
-        print(f"[demo] reusing {reused} finished run(s)", flush=True)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     jobs = min(jobs, max(len(pending), 1))
     running: dict[str, tuple[Run, subprocess.Popen, int | None]] = {}
     total_steps = sum(r.total_steps for r in pending)
     first_done = {r.name: steps_done(r) for r in pending}
-    began, last_report = time.time(), 0.0
+    first_step_at, last_report = None, 0.0
     while pending or running:
         while pending and len(running) < jobs:
             run = pending.pop(0)
@@ -189,12 +196,15 @@ def run_all(runs: Sequence[Run], jobs: int, started_at: float) -> None:
         if time.time() - last_report >= 15 or not (pending or running):
             last_report = time.time()
             done = sum(min(steps_done(r), r.total_steps) - first_done[r.name] for r in runs if r.name in first_done)
-            rate = done / (time.time() - began) if done else 0.0  # steps per second in this stage
+            if done and first_step_at is None:
+                first_step_at = time.time()  # the rate leaves out the first compilation
+            seconds = time.time() - first_step_at if first_step_at else 0.0
             left = total_steps - sum(first_done.values()) - done
-            eta = format_seconds(left / rate) if rate else "?"
-            states = ", ".join(f"{n} {steps_done(r)}/{r.total_steps}" for n, (r, _, _) in running.items())
+            eta = format_seconds(left * seconds / done) if seconds > 0 and done else "?"
+            states = ", ".join(f"{n} {steps_done(r)}/{r.total_steps}" if steps_done(r) else f"{n} starting"
+                               for n, (r, _, _) in running.items())
             print(f"[demo] {len(runs) - len(pending) - len(running)}/{len(runs)} runs done | {states or '-'} | "
-                  f"elapsed {format_seconds(time.time() - started_at)} | ETA {eta}", flush=True)
+                  f"elapsed {format_seconds(time.time() - started_at)} | stage ETA {eta}", flush=True)
 
 
 # ----------------------------------------------------------------------------- results
@@ -309,7 +319,7 @@ def draw(sft: Run, runs: Sequence[Run], methods: Sequence[str], path: str) -> No
             length = min(len(c[1]) for c in curves)
             steps = curves[0][0][:length]
             stacked = np.stack([c[1][:length] for c in curves])
-            axis.plot(steps, stacked.mean(axis=0), color=COLORS[method], label=LABELS[method])
+            axis.plot(steps, stacked.mean(axis=0), color=COLORS[method], label=LABELS[method], **LINES[method])
             if len(curves) > 1:
                 axis.fill_between(steps, stacked.min(axis=0), stacked.max(axis=0), color=COLORS[method], alpha=0.2)
         axis.set_title(title + (" (20-step mean)" if smoothed else ""))
@@ -356,7 +366,7 @@ def accumulated_seconds(out: str, seconds: float) -> float:
         with open(path) as f:
             seconds += float(f.read())
     with open(path, "w") as f:
-        f.write(f"{seconds:.1f}")
+        f.write(f"{seconds:.1f}\n")
     return seconds
 
 
@@ -368,7 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sft, runs = plan(args)
     print(f"[demo] {len(args.methods)} method(s) x {len(args.seeds)} seed(s), {args.rl_steps} RL steps each, "
           f"after {args.sft_steps} SFT steps; {args.jobs} run(s) at a time; output in {out}", flush=True)
+    reused = [r for r in [sft, *runs] if is_finished(r)]
+    if reused:
+        print(f"[demo] reusing {len(reused)} finished run(s) of {len(runs) + 1}", flush=True)
+    print("[demo] stage 1: the SFT warm start", flush=True)
     run_all([sft], 1, started_at)
+    print(f"[demo] stage 2: {len(runs)} RL runs from its checkpoint", flush=True)
     run_all(runs, args.jobs, started_at)
     summary = summarize(sft, runs, args.methods, accumulated_seconds(out, time.time() - started_at))
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -69,5 +69,5 @@ def test_summary_follows_the_contract_and_the_runs_metrics(demo):
 def test_rerunning_reuses_finished_runs(demo):
     out, _ = demo
     stdout = run_demo(out)
-    assert "reusing 1 finished run(s)" in stdout and "reusing 4 finished run(s)" in stdout
+    assert "reusing 5 finished run(s) of 5" in stdout
     assert "started" not in stdout
