@@ -27,6 +27,26 @@ Micro-batch metrics combine exactly with `combine_metrics`.
 `dapo` over -log p of each completion token (reference trajectories, in the training loop), with no
 importance ratio or advantage; the KL term still applies when beta > 0.
 
+Objective options beyond the G²RPO-A paper (each off by default; off reproduces the plain loss
+bit for bit, r is the importance ratio, A the advantage, "loss tokens" as above):
+- `dual_clip_c` c > 1 (dual-clip PPO, Ye et al. 2020, arXiv 1912.09729): for A < 0 the per-token
+  objective is max(min(r·A, clip(r)·A), c·A), so a bad token whose ratio has grown past c stops
+  pushing. Equals TRL's two-sided `delta` (ratio capped at delta) whenever c >= 1 + epsilon_high.
+- `kl_clamp` k > 0 (as verl clamps its low-variance KL): the per-token KL estimator enters the loss
+  as clip(KL, -k, k); the `kl` metric still reports the unclamped estimator.
+- `entropy_coef` h > 0: subtracts h × the entropy of the policy on each loss token, reduced with the
+  loss type's own reduction and normaliser (verl's entropy bonus), so accumulation stays exact.
+- `policy_mask` (the train step's `entropy_top_fraction` q < 1, "Beyond the 80/20 Rule", Wang et al.
+  2025, arXiv 2506.01939): the policy term is kept only on the top-q loss tokens by entropy, chosen by
+  `high_entropy_mask` over the whole (global) batch; the KL and entropy terms and the normalisers
+  still cover every loss token, as in TRL's `top_entropy_quantile`.
+- `guide_nll_coef` λ > 0 (UFT, Liu et al. 2025, arXiv 2505.16984): adds λ × the mean negative
+  log-likelihood of the forced guide tokens (every completion token with `guided_mask`, whatever
+  `guided` is), normalised by the global guide-token count (`guide_token_count`).
+- `group_advantages(..., baseline="guided_split")`: guided and unguided rollouts of a group get
+  separate means (and stds for scale="group"); a side whose rewards are all equal (one rollout, or
+  no spread) gets advantage 0, like a constant group.
+
 `bnpo` and `dapo` have the same formula here (token sum over the global batch's loss-token count).
 TRL's `bnpo` normalises by the tokens of each micro-batch (so it depends on the split) while its
 `dapo` uses the global count; with a global normaliser both are exact, and the names are kept so
@@ -42,6 +62,7 @@ import jax
 import jax.numpy as jnp
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
+ADVANTAGE_BASELINES = ("group", "guided_split")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sft")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GUIDED_MODES = ("train", "mask", "shaping")
@@ -49,14 +70,16 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 
 # Keys of the metrics dict returned by `policy_loss`, grouped by how they combine over
 # micro-batches (see `combine_metrics`).
-_LOSS_TOKEN_MEANS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region")
+_LOSS_TOKEN_MEANS = ("kl", "clip_ratio/low", "clip_ratio/high", "clip_ratio/region", "clip_ratio/dual")
 _COMPLETION_TOKEN_MEANS = ("guided_token_share",)
+_GUIDE_TOKEN_MEANS = ("guide_nll",)
 _SEQUENCE_MEANS = ("advantage/mean", "completion_length/mean")
-_COUNTS = ("num_loss_tokens", "num_completion_tokens", "num_sequences")
+_COUNTS = ("num_loss_tokens", "num_completion_tokens", "num_sequences", "num_guided_tokens")
 METRIC_KEYS = (
     ("loss",)
     + _LOSS_TOKEN_MEANS
     + _COMPLETION_TOKEN_MEANS
+    + _GUIDE_TOKEN_MEANS
     + _SEQUENCE_MEANS
     + ("advantage/std", "completion_length/min", "completion_length/max")
     + _COUNTS
@@ -106,15 +129,28 @@ def zero_std_groups(rewards: jax.Array, group_size: int) -> jax.Array:
 
 
 def group_advantages(
-    rewards: jax.Array, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: jax.Array,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    *,
+    baseline: str = "group",
+    guided: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Advantages [N] for rewards [N] laid out as N // G consecutive groups of `group_size`.
 
     advantage = reward - group mean, then divided by (std + eps) where std is the unbiased std
     of the group (`scale="group"`, GRPO) or of the whole batch (`"batch"`), or left unscaled
     (`"none"`, Dr. GRPO). A group whose rewards are all equal gets exactly zero.
+
+    `baseline="guided_split"` (needs `guided`, bool [N], True on guided rollouts) applies the same
+    formula separately to the guided and the unguided rollouts of each group (their own mean and,
+    for scale="group", their own unbiased std; "batch" still divides by the whole batch's std).
+    A side whose rewards are all equal, including a side of one rollout, gets exactly zero, so a
+    group whose guided rollouts all succeed and unguided ones all fail carries no signal.
     """
     _check_option("scale", scale, ADVANTAGE_SCALES)
+    _check_option("baseline", baseline, ADVANTAGE_BASELINES)
     grouped = _grouped(rewards, group_size)  # [N/G, G]
     if scale == "group" and group_size < 2:
         raise ValueError(
@@ -125,6 +161,11 @@ def group_advantages(
         raise ValueError(
             f"scale='batch' needs at least 2 rewards for the unbiased batch std; got N={grouped.size}"
         )
+    if baseline == "guided_split":
+        if guided is None:
+            raise ValueError("baseline='guided_split' needs guided= (bool [N], True on guided rollouts); got None")
+        chex.assert_equal_shape([rewards, guided])
+        return _split_advantages(grouped, jnp.asarray(guided).reshape(grouped.shape) > 0, scale, eps)
     centered = grouped - grouped.mean(axis=1, keepdims=True)  # [N/G, G]
     if scale == "group":
         centered = centered / (jnp.std(grouped, axis=1, ddof=1, keepdims=True) + eps)
@@ -132,6 +173,28 @@ def group_advantages(
         centered = centered / (jnp.std(grouped, ddof=1) + eps)
     all_equal = zero_std_groups(rewards, group_size)[:, None]  # [N/G, 1]
     return jnp.where(all_equal, 0.0, centered).reshape(-1)  # [N]
+
+
+def _split_advantages(grouped: jax.Array, guided: jax.Array, scale: str, eps: float) -> jax.Array:
+    """`group_advantages` with one baseline per (group, guided or not) side; [N/G, G] -> [N]."""
+    out = jnp.zeros_like(grouped)  # [N/G, G]
+    batch_std = jnp.std(grouped, ddof=1)
+    for side in (guided, ~guided):
+        weights = side.astype(grouped.dtype)
+        count = weights.sum(axis=1, keepdims=True)  # [N/G, 1]
+        mean = _safe_divide((grouped * weights).sum(axis=1, keepdims=True), count)
+        centered = grouped - mean
+        if scale == "group":
+            # Unbiased std of the side; a side with fewer than two rollouts is constant (zeroed below).
+            variance = _safe_divide((jnp.square(centered) * weights).sum(axis=1, keepdims=True), count - 1)
+            centered = centered / (jnp.sqrt(variance) + eps)
+        elif scale == "batch":
+            centered = centered / (batch_std + eps)
+        # Exact max == min test, as in `zero_std_groups`: rounding must not leave tiny advantages.
+        high = jnp.where(side, grouped, -jnp.inf).max(axis=1, keepdims=True)
+        low = jnp.where(side, grouped, jnp.inf).min(axis=1, keepdims=True)
+        out = jnp.where(side & (high != low), centered, out)
+    return out.reshape(-1)  # [N]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -151,6 +214,14 @@ def _check_loss_options(
         )
     if max_completion_length is not None and max_completion_length < 1:
         raise ValueError(f"max_completion_length={max_completion_length} must be a positive integer")
+
+
+def _check_objective_options(dual_clip_c, kl_clamp, entropy_coef, guide_nll_coef) -> None:
+    if not (dual_clip_c == 0 or dual_clip_c > 1):
+        raise ValueError(f"dual_clip_c={dual_clip_c!r} is not valid; expected 0 (off) or a number > 1")
+    for name, value in (("kl_clamp", kl_clamp), ("entropy_coef", entropy_coef), ("guide_nll_coef", guide_nll_coef)):
+        if not value >= 0:
+            raise ValueError(f"{name}={value!r} is not valid; expected 0 (off) or a number > 0")
 
 
 def _token_masks(
@@ -197,6 +268,47 @@ def loss_normalizer(
     return _normalizer_from_loss_tokens(loss_type, loss_tokens, max_completion_length)
 
 
+def loss_token_mask(mask: jax.Array, guided_mask: Optional[jax.Array] = None, guided: str = "train") -> jax.Array:
+    """float [B, T]: 1 on the tokens that enter `policy_loss` (completion tokens, minus guided
+    tokens under guided="mask"), for `high_entropy_mask`."""
+    _check_option("guided", guided, GUIDED_MODES)
+    return _token_masks(mask, guided_mask, guided)[0]
+
+
+def guide_token_count(mask: jax.Array, guided_mask: Optional[jax.Array]) -> jax.Array:
+    """Scalar: the number of forced guide tokens among the completion tokens of `mask` [B, T].
+
+    The denominator of the `guide_nll_coef` term: compute it once on the global batch and pass it
+    to every micro-batch's `policy_loss` as `guide_normalizer=`, like `loss_normalizer`.
+    """
+    return _token_masks(mask, guided_mask, "train")[1].sum()
+
+
+def high_entropy_mask(entropy: jax.Array, loss_tokens: jax.Array, top_fraction: float) -> jax.Array:
+    """bool, shaped like `entropy`: the loss tokens whose entropy is among the top `top_fraction`.
+
+    entropy, loss_tokens: same shape (e.g. [B, T], or [k, B/k, T] micro-batches); the ranking runs
+    over all their entries, so pass the whole (global) batch for a selection that does not depend
+    on the micro-batch split. With n loss tokens the threshold is the k-th largest entropy,
+    k = 1 + floor(top_fraction · (n - 1)) (at least one token; all of them at 1), and every loss
+    token with entropy >= the threshold is kept, ties included. This is the count of TRL's
+    `get_high_entropy_mask` (a linearly interpolated quantile at 1 - top_fraction); k is computed
+    in float32, so above 2**24 tokens it may be one off. "Beyond the 80/20 Rule" (arXiv 2506.01939)
+    uses top_fraction = 0.2.
+    """
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction={top_fraction!r} is not valid; expected a number in (0, 1]")
+    chex.assert_equal_shape([entropy, loss_tokens])
+    is_loss_token = _float(loss_tokens) > 0
+    values = jnp.where(is_loss_token, _float(entropy), -jnp.inf).reshape(-1)
+    count = is_loss_token.sum().astype(jnp.float32)
+    keep = 1 + jnp.floor(jnp.float32(top_fraction) * (count - 1)).astype(jnp.int32)
+    # Ascending sort: the k-th largest sits k places from the end; n = 0 selects nothing anyway.
+    ordered = jnp.sort(values)
+    threshold = ordered[jnp.clip(values.shape[0] - keep, 0, values.shape[0] - 1)]
+    return is_loss_token & (_float(entropy) >= threshold)
+
+
 def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kl: str = "k3") -> jax.Array:
     """Per-token estimator of KL(policy || reference) from sampled-token log-probs, [B, T].
 
@@ -236,6 +348,13 @@ def policy_loss(
     shaping_gamma: float = 0.1,
     log_ratio_clamp: float = 20.0,
     normalizer: Optional[jax.Array] = None,
+    dual_clip_c: float = 0.0,
+    kl_clamp: float = 0.0,
+    entropy: Optional[jax.Array] = None,
+    entropy_coef: float = 0.0,
+    policy_mask: Optional[jax.Array] = None,
+    guide_nll_coef: float = 0.0,
+    guide_normalizer: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped GRPO surrogate loss (to minimise) with an optional KL penalty, and its metrics.
 
@@ -259,23 +378,42 @@ def policy_loss(
       log_ratio_clamp: the log importance weight is clamped to ±this before exp, for safety.
       normalizer: the loss denominator; None computes it from these inputs (full-batch use).
         Pass `loss_normalizer(...)` of the global batch when this call sees one micro-batch.
+      dual_clip_c: 0 (off) or c > 1: for A < 0 the objective is max(min(r·A, clip(r)·A), c·A).
+      kl_clamp: 0 (off) or k > 0: the per-token KL enters the loss as clip(KL, -k, k).
+      entropy: [B, T] per-token entropy of the policy (differentiable), needed when entropy_coef > 0.
+      entropy_coef: 0 (off) or h > 0: h × entropy is subtracted from each loss token's loss.
+      policy_mask: [B, T] or None; where 0, a loss token keeps its KL and entropy terms but loses
+        its policy term (the surrogate, or -log p for `sft`). See `high_entropy_mask`.
+      guide_nll_coef: 0 (off) or λ > 0: adds λ × Σ(-log p over guide tokens) / guide_normalizer.
+      guide_normalizer: that term's denominator; None = this call's guide-token count. Pass
+        `guide_token_count(...)` of the global batch when this call sees one micro-batch.
+      The option values (dual_clip_c, kl_clamp, entropy_coef, guide_nll_coef) must be Python
+      numbers under jit, like beta: 0 removes the term from the program.
 
     Returns:
       (loss, metrics). metrics["loss"] equals loss. The other metrics describe this call's rows:
-      `kl` and `clip_ratio/{low,high,region}` are means over loss tokens (low: ratio below
-      1 - epsilon_low with A < 0, high: ratio above 1 + epsilon_high with A > 0; guided tokens
-      under `shaping` are never clipped); `guided_token_share` is the guided fraction of
-      completion tokens; `advantage/{mean,std}` (population std) and
+      `kl` (unclamped) and `clip_ratio/{low,high,region,dual}` are means over loss tokens (low:
+      ratio below 1 - epsilon_low with A < 0, high: ratio above 1 + epsilon_high with A > 0,
+      dual: ratio above dual_clip_c with A < 0, where the dual bound holds the objective flat;
+      guided tokens under `shaping` are never clipped); `guided_token_share` is the guided
+      fraction of completion tokens; `guide_nll` the mean -log p over the `num_guided_tokens`
+      guide tokens; `advantage/{mean,std}` (population std) and
       `completion_length/{mean,min,max}` run over rows with at least one completion token;
       `num_loss_tokens`, `num_completion_tokens` and `num_sequences` are the counts behind them.
       `combine_metrics` merges the metrics of micro-batches exactly.
     """
     _check_loss_options(loss_type, kl, guided, importance_level, max_completion_length)
+    _check_objective_options(dual_clip_c, kl_clamp, entropy_coef, guide_nll_coef)
     chex.assert_rank([logprobs, mask, advantages], [2, 2, 1])
     chex.assert_equal_shape([logprobs, old_logprobs, mask])
     chex.assert_equal_shape_prefix([logprobs, advantages], 1)
     if guided_mask is not None:
         chex.assert_equal_shape([logprobs, guided_mask])
+    if entropy_coef and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs the per-token entropy; got entropy=None")
+    for name, array in (("entropy", entropy), ("policy_mask", policy_mask)):
+        if array is not None:
+            chex.assert_equal_shape([logprobs, array])
     skip_kl = isinstance(beta, (int, float)) and beta == 0
     if ref_logprobs is None and not skip_kl:
         raise ValueError(f"ref_logprobs=None needs beta=0 (no KL term); got beta={beta}")
@@ -301,6 +439,9 @@ def policy_loss(
     adv = advantages[:, None]  # [B, 1]
     # Pessimistic bound: the min of the two surrogates, for either sign of the advantage.
     objective = jnp.minimum(ratio * adv, clipped_ratio * adv)  # [B, T]
+    if dual_clip_c:
+        # Dual clip: for A < 0 the pessimistic min is unbounded below as the ratio grows; c·A caps it.
+        objective = jnp.where(adv < 0, jnp.maximum(objective, dual_clip_c * adv), objective)
     if guided == "shaping":
         prob = jnp.exp(jnp.where(shaped, logprobs, 0.0))
         objective = jnp.where(shaped, adv * prob / (prob + shaping_gamma), objective)
@@ -308,6 +449,10 @@ def policy_loss(
     if loss_type == "sft":
         # The supervised baseline: the completion's negative log-likelihood; no ratio, no advantage.
         per_token_loss, ratio_tokens = -logprobs, jnp.zeros_like(ratio_tokens)
+    if policy_mask is not None:
+        per_token_loss = jnp.where(_float(policy_mask) > 0, per_token_loss, 0.0)
+    if entropy_coef:
+        per_token_loss = per_token_loss - entropy_coef * jnp.where(is_loss_token, _float(entropy), 0.0)
 
     if ref_logprobs is not None:
         # Both sides zeroed off the loss tokens, so padding gives a KL of exactly 0.
@@ -315,7 +460,8 @@ def policy_loss(
             jnp.where(is_loss_token, logprobs, 0.0), jnp.where(is_loss_token, _float(ref_logprobs), 0.0), kl
         )  # [B, T]
         if not skip_kl:
-            per_token_loss = per_token_loss + beta * per_token_kl
+            kl_term = jnp.clip(per_token_kl, -kl_clamp, kl_clamp) if kl_clamp else per_token_kl
+            per_token_loss = per_token_loss + beta * kl_term
     else:
         per_token_kl = jnp.zeros_like(logprobs)
     per_token_loss = jnp.where(is_loss_token, per_token_loss, 0.0)  # [B, T]
@@ -328,12 +474,21 @@ def policy_loss(
         normalizer = _normalizer_from_loss_tokens(loss_type, loss_tokens, max_completion_length)
     loss = _safe_divide(numerator, jnp.asarray(normalizer, jnp.float32))
 
+    # Guide tokens are completion tokens here whatever `guided` does with them in the loss.
+    guide_nll_sum = jnp.where(guide > 0, -logprobs, 0.0).sum()
+    if guide_nll_coef:
+        if guide_normalizer is None:
+            guide_normalizer = guide.sum()
+        loss = loss + guide_nll_coef * _safe_divide(guide_nll_sum, jnp.asarray(guide_normalizer, jnp.float32))
+
     low = ratio_tokens & (ratio < 1.0 - epsilon_low) & (adv < 0)
     high = ratio_tokens & (ratio > 1.0 + epsilon_high) & (adv > 0)
+    dual = ratio_tokens & (ratio > dual_clip_c) & (adv < 0) if dual_clip_c else jnp.zeros_like(low)
     metrics = _loss_metrics(
         loss=loss,
         per_token_kl=per_token_kl,
-        clipped={"low": low, "high": high, "region": low | high},
+        clipped={"low": low, "high": high, "region": low | high, "dual": dual},
+        guide_nll_sum=guide_nll_sum,
         loss_tokens=loss_tokens,
         guide=guide,
         completion=_float(mask) > 0,
@@ -342,8 +497,9 @@ def policy_loss(
     return loss, metrics
 
 
-def _loss_metrics(*, loss, per_token_kl, clipped, loss_tokens, guide, completion, advantages):
+def _loss_metrics(*, loss, per_token_kl, clipped, guide_nll_sum, loss_tokens, guide, completion, advantages):
     num_loss_tokens = loss_tokens.sum()
+    num_guided_tokens = guide.sum()
     completion = completion.astype(jnp.float32)
     num_completion_tokens = completion.sum()
     lengths = completion.sum(axis=1)  # [B]
@@ -362,7 +518,8 @@ def _loss_metrics(*, loss, per_token_kl, clipped, loss_tokens, guide, completion
         "loss": loss,
         "kl": token_mean(per_token_kl),
         **{f"clip_ratio/{name}": token_mean(flag.astype(jnp.float32)) for name, flag in clipped.items()},
-        "guided_token_share": _safe_divide(guide.sum(), num_completion_tokens),
+        "guided_token_share": _safe_divide(num_guided_tokens, num_completion_tokens),
+        "guide_nll": _safe_divide(guide_nll_sum, num_guided_tokens),
         "advantage/mean": adv_mean,
         "advantage/std": jnp.sqrt(adv_var),
         "completion_length/mean": sequence_mean(lengths),
@@ -373,6 +530,7 @@ def _loss_metrics(*, loss, per_token_kl, clipped, loss_tokens, guide, completion
         "num_loss_tokens": num_loss_tokens,
         "num_completion_tokens": num_completion_tokens,
         "num_sequences": num_sequences,
+        "num_guided_tokens": num_guided_tokens,
     }
     return metrics
 
@@ -403,6 +561,7 @@ def combine_metrics(per_micro_batch: dict[str, jax.Array]) -> dict[str, jax.Arra
     out = {"loss": m["loss"].sum(), **counts}
     out.update({key: reweighted(key, "num_loss_tokens") for key in _LOSS_TOKEN_MEANS})
     out.update({key: reweighted(key, "num_completion_tokens") for key in _COMPLETION_TOKEN_MEANS})
+    out.update({key: reweighted(key, "num_guided_tokens") for key in _GUIDE_TOKEN_MEANS})
     out.update({key: reweighted(key, "num_sequences") for key in _SEQUENCE_MEANS})
     # Pooled variance: within-part sums of squares plus between-part spread of the means.
     n = m["num_sequences"]

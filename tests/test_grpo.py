@@ -16,6 +16,8 @@ from g2rpo_jax import grpo
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "reference"))
 from grpo_numpy import (  # noqa: E402
     group_advantages_ref,
+    group_advantages_split_ref,
+    high_entropy_mask_ref,
     loss_grad_fd,
     policy_loss_ref,
     token_entropy_ref,
@@ -418,5 +420,445 @@ def test_misaligned_groups_raise_naming_both_numbers():
     ],
 )
 def test_bad_options_raise_value_error_naming_value_and_options(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+# ----------------------------------------------------------------------------- objective options
+# dual_clip_c, kl_clamp, entropy_coef, policy_mask (high-entropy tokens), guide_nll_coef and the
+# guided_split advantage baseline, each against tests/reference/grpo_numpy.py.
+
+SEEDS = (0, 1, 2)
+
+
+def option_inputs(seed: int) -> dict[str, np.ndarray]:
+    """`make_inputs` plus per-token entropies (garbage in padding), ratios far outside every clip
+    range for both advantage signs, and a row with advantage exactly 0."""
+    inputs = make_inputs(seed)
+    rng = np.random.default_rng(100 + seed)
+    entropy = rng.uniform(0.0, 4.0, (B, T)).astype(np.float32)
+    entropy[inputs["mask"] == 0] = 7.5
+    inputs["entropy"] = entropy
+    old, logprobs = inputs["old_logprobs"], inputs["logprobs"]
+    old[0, 1] = logprobs[0, 1] - 4.0  # A > 0, ratio e^4
+    old[1, 0] = logprobs[1, 0] - 3.0  # A < 0, ratio e^3: far above any dual-clip bound used here
+    old[5, 2] = logprobs[5, 2] + 4.0  # ratio e^-4
+    inputs["advantages"][7] = 0.0
+    return inputs
+
+
+def jax_option_loss(inputs, **options):
+    """`jax_loss` with the inputs' entropy passed along when the bonus is on."""
+    if options.get("policy_mask") is not None:
+        options = {**options, "policy_mask": jnp.asarray(options["policy_mask"])}
+    if options.get("entropy_coef"):
+        options = {**options, "entropy": jnp.asarray(inputs["entropy"])}
+    return jax_loss(inputs, **options)
+
+
+def ref_option_loss(inputs, **options):
+    if options.get("entropy_coef"):
+        options = {**options, "entropy": np.asarray(inputs["entropy"], np.float64)}
+    return ref_loss(inputs, **options)
+
+
+def option_loss(inputs, **options):
+    """(jax (loss, metrics), reference (loss, metrics))."""
+    return jax_option_loss(inputs, **options), ref_option_loss(inputs, **options)
+
+
+def option_term_sizes(inputs, entropy_coef=0.0, guide_nll_coef=0.0, beta=BETA) -> np.ndarray:
+    """[B, T] sizes of the terms each token adds to the loss before they cancel (0 on padding):
+    those of `loss_term_sizes` (with this beta), the entropy bonus, and the token's share of the
+    guide NLL mean."""
+    mask = inputs["mask"] > 0
+    ratio = np.exp(inputs["logprobs"] - inputs["old_logprobs"])[mask]
+    log_ref = (inputs["ref_logprobs"] - inputs["logprobs"])[mask]
+    advantage = np.broadcast_to(np.abs(inputs["advantages"])[:, None], mask.shape)[mask]
+    sizes = np.zeros(mask.shape)
+    sizes[mask] = (advantage * (ratio + 1.5) + beta * (np.exp(log_ref) + np.abs(log_ref) + 1 + log_ref**2)
+                   + entropy_coef * np.abs(inputs["entropy"][mask]))
+    guide = mask & (inputs["guided_mask"] > 0)
+    sizes[guide] += guide_nll_coef * np.abs(inputs["logprobs"][guide]) / max(guide.sum(), 1)
+    return sizes
+
+
+def option_rounding(inputs, entropy_coef=0.0, guide_nll_coef=0.0, beta=BETA) -> float:
+    """`loss_rounding` for the loss with these options: n · eps · Σ|terms| / (the smallest
+    normaliser, one per sequence); the guide term has its own normaliser, folded into its sizes."""
+    n = int(inputs["mask"].sum())
+    sequences = int((inputs["mask"] > 0).any(axis=1).sum())
+    sizes = option_term_sizes(inputs, entropy_coef, guide_nll_coef, beta)
+    guide = (inputs["mask"] > 0) & (inputs["guided_mask"] > 0)
+    return n * F32_EPS * (sizes[~guide].sum() / sequences + sizes[guide].sum())
+
+
+def grad_rounding(inputs, entropy_coef=0.0, guide_nll_coef=0.0, beta=BETA) -> np.ndarray:
+    """Per-entry atol for a float32 gradient against float64 central differences: each entry is a
+    few float32 operations on its token's terms (T more for a sequence-level ratio, which sums the
+    row) over a normaliser of at least one per sequence, plus the differences' own error
+    (≈ eps64 · |loss| / h ≈ 1e-9 at h = 1e-6)."""
+    sequences = int((inputs["mask"] > 0).any(axis=1).sum())
+    sizes = option_term_sizes(inputs, entropy_coef, guide_nll_coef, beta)
+    return (T + 8) * F32_EPS * np.maximum(sizes, sizes.max(axis=1, keepdims=True)) / sequences + 1e-8
+
+
+def assert_option_grad(inputs, options, wrt="logprobs"):
+    """jax.grad of the loss w.r.t. `wrt` against central differences of the reference."""
+    tolerance = grad_rounding(inputs, options.get("entropy_coef", 0.0), options.get("guide_nll_coef", 0.0),
+                              options.get("beta", BETA))
+
+    def jax_of(values):
+        return jax_option_loss({**inputs, wrt: values}, **options)[0]
+
+    grad = np.asarray(jax.grad(jax_of)(jnp.asarray(inputs[wrt])))
+    expected = loss_grad_fd(lambda v: ref_option_loss({**inputs, wrt: v}, **options)[0], inputs[wrt])
+    assert np.abs(expected).max() > 10 * tolerance.max()  # not vacuous
+    np.testing.assert_array_less(np.abs(grad - expected), tolerance)
+    assert np.all(grad[inputs["mask"] == 0] == 0)  # padding garbage never leaks
+    return grad
+
+
+def assert_option_metrics(metrics, expected, inputs, **options):
+    """Token means: n · eps relative (or times the mean term size where they cancel)."""
+    tolerance = metric_rounding(inputs)
+    for key in grpo.METRIC_KEYS:
+        if key == "loss":
+            continue
+        np.testing.assert_allclose(float(metrics[key]), expected[key], err_msg=key, **tolerance)
+
+
+COMBOS = [("dapo", "token", "train"), ("grpo", "sequence", "shaping"), ("dr_grpo", "token", "mask")]
+
+
+def combo_options(combo, **extra):
+    loss_type, importance_level, guided = combo
+    return dict(loss_type=loss_type, importance_level=importance_level, guided=guided, beta=BETA,
+                epsilon_high=0.28, max_completion_length=MAX_LEN, **extra)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dual_clip_c", [1.5, 3.0])
+@pytest.mark.parametrize("combo", COMBOS)
+def test_dual_clip_matches_reference(seed, dual_clip_c, combo):
+    inputs = option_inputs(seed)
+    options = combo_options(combo, dual_clip_c=dual_clip_c)
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=option_rounding(inputs))
+    assert_option_metrics(metrics, expected_metrics, inputs)
+    assert expected_metrics["clip_ratio/dual"] > 0  # the bound really holds somewhere
+    plain, _ = ref_loss(inputs, **{**options, "dual_clip_c": 0.0})
+    assert expected_loss < plain  # it only ever raises the objective of A < 0 tokens
+    assert_option_grad(inputs, options)
+
+
+def test_dual_clip_at_and_around_the_bound():
+    """One token, A = -1: below c the objective is r·A (it is unclipped above 1 + epsilon_high),
+    at c both branches agree, above c it is held at c·A with zero gradient. A >= 0 is untouched."""
+    log_ratio = jnp.float32(np.log(2.5))
+    c = float(jnp.exp(log_ratio))  # the float32 ratio the loss will compute, so r == c exactly
+    steps = jnp.array([-1e-3, 0.0, 1e-3], jnp.float32)
+
+    def loss_fn(logprobs, advantage, **options):  # logprobs [n, 1], one token per row
+        n = logprobs.shape[0]
+        return grpo.policy_loss(logprobs, jnp.zeros((n, 1)), None, jnp.full((n,), advantage), jnp.ones((n, 1)),
+                                beta=0.0, loss_type="dapo", **options)
+
+    logprobs = (log_ratio + steps)[:, None]  # [3, 1]
+    ratios = np.exp(np.asarray(logprobs, np.float64)[:, 0])
+    values = [float(loss_fn(lp[None], -1.0, dual_clip_c=c)[0]) for lp in logprobs]
+    np.testing.assert_allclose(values, [ratios[0], c, c], rtol=4 * F32_EPS)
+    grads = [float(jax.grad(lambda x: loss_fn(x, -1.0, dual_clip_c=c)[0])(lp[None])[0, 0]) for lp in logprobs]
+    assert grads[0] != 0 and grads[2] == 0
+    _, metrics = loss_fn(logprobs, -1.0, dual_clip_c=c)
+    assert float(metrics["clip_ratio/dual"]) == pytest.approx(1 / 3)  # strictly above c only
+    for advantage in (0.0, 1.0):
+        for lp in (logprobs, logprobs + 3.0):
+            with_bound, _ = loss_fn(lp, advantage, dual_clip_c=c)
+            assert float(with_bound) == float(loss_fn(lp, advantage)[0])
+
+
+def test_dual_clip_equals_trl_delta_above_the_clip_range():
+    """TRL caps the unclipped ratio at delta for every token: -min(min(r, δ)·A, clip(r)·A). For
+    δ >= 1 + epsilon_high that is the dual clip with c = δ (A > 0 never reaches the cap)."""
+    rng = np.random.default_rng(5)
+    log_ratio = rng.normal(0.0, 1.5, (16, 6)).astype(np.float32)
+    advantages = rng.normal(0.0, 1.0, 16).astype(np.float32)
+    delta, eps_low, eps_high = 2.0, 0.2, 0.28
+    r = np.exp(log_ratio.astype(np.float64))
+    a = advantages.astype(np.float64)[:, None]
+    trl = -np.minimum(np.minimum(r, delta) * a, np.clip(r, 1 - eps_low, 1 + eps_high) * a).mean()
+    loss, _ = grpo.policy_loss(jnp.asarray(log_ratio), jnp.zeros((16, 6)), None, jnp.asarray(advantages),
+                               jnp.ones((16, 6)), beta=0.0, loss_type="dapo", epsilon_low=eps_low,
+                               epsilon_high=eps_high, dual_clip_c=delta)
+    sizes = np.abs(a) * (r + 1.5)
+    np.testing.assert_allclose(float(loss), trl, rtol=0, atol=sizes.size * F32_EPS * sizes.mean())
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+@pytest.mark.parametrize("kl_clamp", [0.02, 0.2])
+@pytest.mark.parametrize("kl", grpo.KL_ESTIMATORS)
+def test_kl_clamp_matches_reference(seed, kl_clamp, kl):
+    inputs = option_inputs(seed)
+    options = combo_options(COMBOS[seed % 3], kl=kl, kl_clamp=kl_clamp)
+    options["beta"] = 1.0  # a KL weight that makes the clamp visible beside the surrogate's rounding
+    tolerance = option_rounding(inputs, beta=1.0)
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=tolerance)
+    assert_option_metrics(metrics, expected_metrics, inputs)  # `kl` stays the unclamped estimator
+    unclamped, unclamped_metrics = ref_loss(inputs, **{**options, "kl_clamp": 0.0})
+    assert expected_metrics["kl"] == unclamped_metrics["kl"]
+    assert abs(expected_loss - unclamped) > tolerance  # the check above would see a missing clamp
+    assert_option_grad(inputs, options)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_entropy_bonus_matches_reference(seed, loss_type):
+    inputs = option_inputs(seed)
+    options = combo_options(COMBOS[seed], entropy_coef=0.05)
+    options["loss_type"] = loss_type
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=option_rounding(inputs, 0.05))
+    assert_option_metrics(metrics, expected_metrics, inputs)
+    assert_option_grad(inputs, options)
+    # d loss / d entropy is -coef over the loss type's weight of each token, 0 on padding.
+    grad = assert_option_grad(inputs, options, wrt="entropy")
+    assert np.all(grad[inputs["mask"] > 0] <= 0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("top_fraction", [0.05, 0.2, 0.3, 0.5, 0.8, 0.9, 1.0])
+def test_high_entropy_mask_matches_reference(seed, top_fraction):
+    inputs = option_inputs(seed)
+    rng = np.random.default_rng(seed)
+    guided = grpo.GUIDED_MODES[seed % 2]  # two different token counts n
+    loss_tokens = np.asarray(grpo.loss_token_mask(inputs["mask"], inputs["guided_mask"], guided))
+    # Continuous entropies, then a handful of values so the cut falls on ties.
+    for entropy in (inputs["entropy"], rng.choice([0.0, 0.5, 1.0, 2.0], (B, T)).astype(np.float32)):
+        mask = np.asarray(grpo.high_entropy_mask(jnp.asarray(entropy), jnp.asarray(loss_tokens), top_fraction))
+        expected = high_entropy_mask_ref(entropy, loss_tokens, top_fraction)
+        np.testing.assert_array_equal(mask, expected)
+        n = int(loss_tokens.sum())
+        assert mask.sum() >= 1 + int(np.floor(top_fraction * (n - 1)))
+        assert not np.any(mask & (loss_tokens == 0))
+    if top_fraction == 1.0:
+        np.testing.assert_array_equal(mask, loss_tokens > 0)
+
+
+def test_high_entropy_mask_matches_trl_cases_and_edges():
+    """TRL's unit cases for `get_high_entropy_mask` (its threshold argument is 1 - top_fraction)."""
+    entropy = jnp.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.7, 0.8, 0.9, 1.0, 1.1, 1.2]])
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    cases = {
+        0.2: [[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0]],
+        0.5: [[0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 0, 0]],
+        1.0: [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]],
+        1e-9: [[0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]],  # TRL's threshold 1.0: one token remains
+    }
+    for top_fraction, expected in cases.items():
+        np.testing.assert_array_equal(grpo.high_entropy_mask(entropy, mask, top_fraction), np.array(expected, bool))
+    other = jnp.array([[0.1, 0.2, 0.3, 1.4, 0.5, 0.14], [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]])
+    half_mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(grpo.high_entropy_mask(other, half_mask, 0.2),
+                                  np.array([[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 0, 0]], bool))
+    # The kept count is 1 + floor(q (n - 1)), not ceil(q n): n = 4, q = 0.3 keeps one token.
+    np.testing.assert_array_equal(grpo.high_entropy_mask(jnp.array([[0.4, 0.1, 0.3, 0.2]]), jnp.ones((1, 4)), 0.3),
+                                  np.array([[1, 0, 0, 0]], bool))
+    assert not np.any(grpo.high_entropy_mask(entropy, jnp.zeros((2, 6)), 0.5))  # all masked
+    ties = jnp.ones((2, 6))
+    assert np.all(grpo.high_entropy_mask(ties, mask, 0.2) == (mask > 0))  # all tied at the cut: all kept
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("combo", COMBOS)
+def test_policy_mask_matches_reference(seed, combo):
+    """Unselected tokens keep their KL (and entropy) terms and stay in every normaliser."""
+    inputs = option_inputs(seed)
+    loss_tokens = np.asarray(grpo.loss_token_mask(inputs["mask"], inputs["guided_mask"], combo[2]))
+    selected = high_entropy_mask_ref(inputs["entropy"], loss_tokens, 0.3)
+    options = combo_options(combo, policy_mask=selected.astype(np.float32), entropy_coef=0.02)
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=option_rounding(inputs, 0.02))
+    assert_option_metrics(metrics, expected_metrics, inputs)
+    assert metrics["num_loss_tokens"] == loss_tokens.sum()
+    assert_option_grad(inputs, options)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("guided", grpo.GUIDED_MODES)
+def test_guide_nll_matches_reference(seed, loss_type, guided):
+    inputs = option_inputs(seed)
+    options = dict(loss_type=loss_type, guided=guided, beta=BETA, max_completion_length=MAX_LEN,
+                   guide_nll_coef=0.3)
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=option_rounding(inputs, 0, 0.3))
+    assert_option_metrics(metrics, expected_metrics, inputs)
+    guide = (inputs["mask"] > 0) & (inputs["guided_mask"] > 0)
+    assert metrics["num_guided_tokens"] == guide.sum() > 0
+    np.testing.assert_allclose(float(metrics["guide_nll"]), -inputs["logprobs"][guide].astype(np.float64).mean(),
+                               rtol=guide.sum() * F32_EPS)
+    grad = assert_option_grad(inputs, options)
+    off, _ = jax_loss(inputs, **{**options, "guide_nll_coef": 0.0})
+    off_grad = jax.grad(lambda lp: jax_loss({**inputs, "logprobs": lp}, **{**options, "guide_nll_coef": 0.0})[0])(
+        jnp.asarray(inputs["logprobs"]))
+    # The term only touches guide tokens: -coef / (number of guide tokens) each.
+    np.testing.assert_allclose(grad - np.asarray(off_grad), np.where(guide, -0.3 / guide.sum(), 0.0),
+                               rtol=0, atol=grad_rounding(inputs, 0, 0.3).max())
+    assert float(loss) - float(off) == pytest.approx(0.3 * float(metrics["guide_nll"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("scale", grpo.ADVANTAGE_SCALES)
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+def test_guided_split_advantages_match_reference(seed, scale, group_size):
+    rng = np.random.default_rng(10 * seed + group_size)
+    rewards = rng.choice([0.0, 0.1, 0.5, 1.0], size=32).astype(np.float32)
+    guided = rng.uniform(size=32) < 0.5
+    if group_size >= 4:
+        rewards[:group_size] = 0.1  # a constant group
+        guided[group_size : 2 * group_size] = np.arange(group_size) == 0  # a side of one rollout
+        guided[2 * group_size : 3 * group_size] = False  # no guided rollout: the group baseline
+        rewards[3 * group_size : 4 * group_size] = np.where(guided[3 * group_size : 4 * group_size], 1.0,
+                                                            rng.choice([0.0, 0.5], group_size))
+    advantages = np.asarray(grpo.group_advantages(jnp.asarray(rewards), group_size, scale=scale,
+                                                  baseline="guided_split", guided=jnp.asarray(guided)))
+    expected = group_advantages_split_ref(rewards, guided, group_size, scale)
+    # A few float32 operations on rewards in [0, 1], divided by std + eps >= eps for "group".
+    scale_bound = {"group": 1 / 1e-4, "batch": 1 / (np.std(rewards, ddof=1) + 1e-4), "none": 1.0}[scale]
+    np.testing.assert_allclose(advantages, expected, rtol=16 * F32_EPS, atol=16 * F32_EPS * scale_bound)
+    assert np.all(advantages[expected == 0] == 0.0)  # constant sides are exactly zero
+    if group_size >= 4:
+        assert advantages[group_size] == 0.0  # the lone guided rollout
+        plain = np.asarray(grpo.group_advantages(jnp.asarray(rewards), group_size, scale=scale))
+        part = slice(2 * group_size, 3 * group_size)
+        np.testing.assert_allclose(advantages[part], plain[part], rtol=16 * F32_EPS, atol=16 * F32_EPS)
+    jitted = jax.jit(grpo.group_advantages, static_argnames=("group_size", "scale", "baseline"))
+    np.testing.assert_array_equal(
+        jitted(jnp.asarray(rewards), group_size=group_size, scale=scale, baseline="guided_split",
+               guided=jnp.asarray(guided)) == 0, advantages == 0)
+
+
+def test_options_off_reproduce_the_default_loss_bit_for_bit():
+    """Defaults, explicit zeros and inert settings (bounds never reached, every loss token selected)
+    give the same bits, eagerly (op by op, so no fusion can reorder anything)."""
+    inputs = option_inputs(0)
+    loss_tokens = grpo.loss_token_mask(inputs["mask"], inputs["guided_mask"], "train")
+    arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
+    variants = {
+        "default": {},
+        "zeros": dict(dual_clip_c=0.0, kl_clamp=0.0, entropy_coef=0.0, guide_nll_coef=0.0,
+                      entropy=arrays["entropy"], guide_normalizer=jnp.float32(3.0)),
+        "inert": dict(dual_clip_c=1e30, kl_clamp=1e30,
+                      policy_mask=grpo.high_entropy_mask(arrays["entropy"], loss_tokens, 1.0)),
+    }
+    results = {}
+    for name, extra in variants.items():
+        def loss_fn(logprobs, extra=extra):
+            return jax_loss({**inputs, "logprobs": logprobs}, beta=BETA, epsilon_high=0.28, **extra)
+
+        (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(arrays["logprobs"])
+        results[name] = (np.asarray(loss), {k: np.asarray(v) for k, v in metrics.items()}, np.asarray(grad))
+    base_loss, base_metrics, base_grad = results["default"]
+    for name in ("zeros", "inert"):
+        loss, metrics, grad = results[name]
+        assert loss.tobytes() == base_loss.tobytes(), name
+        assert grad.tobytes() == base_grad.tobytes(), name
+        for key in grpo.METRIC_KEYS:
+            assert metrics[key].tobytes() == base_metrics[key].tobytes(), (name, key)
+    rewards = jnp.asarray(np.random.default_rng(0).choice([0.0, 0.5, 1.0], 32), jnp.float32)
+    default = np.asarray(grpo.group_advantages(rewards, 4))
+    explicit = np.asarray(grpo.group_advantages(rewards, 4, baseline="group", guided=jnp.arange(32) % 2 == 0))
+    assert default.tobytes() == explicit.tobytes()
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+@pytest.mark.parametrize("num_micro_batches", [2, 4])
+def test_objective_options_accumulate_exactly(loss_type, num_micro_batches):
+    """Every option on: with the global normaliser, the global guide-token count and a policy mask
+    chosen on the whole batch, micro-batch losses, gradients and metrics add up to the full batch."""
+    inputs = option_inputs(1)
+    arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
+    guided = "train"
+    loss_tokens = grpo.loss_token_mask(arrays["mask"], arrays["guided_mask"], guided)
+    selected = grpo.high_entropy_mask(arrays["entropy"], loss_tokens, 0.4)
+    options = dict(loss_type=loss_type, guided=guided, beta=BETA, max_completion_length=MAX_LEN,
+                   dual_clip_c=2.0, kl_clamp=0.05, entropy_coef=0.02, guide_nll_coef=0.3)
+
+    def loss_fn(logprobs, rows, normalizer, guide_normalizer):
+        return grpo.policy_loss(
+            logprobs, arrays["old_logprobs"][rows], arrays["ref_logprobs"][rows], arrays["advantages"][rows],
+            arrays["mask"][rows], guided_mask=arrays["guided_mask"][rows], entropy=arrays["entropy"][rows],
+            policy_mask=selected[rows], normalizer=normalizer, guide_normalizer=guide_normalizer, **options,
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (full_loss, full_metrics), full_grad = grad_fn(arrays["logprobs"], slice(None), None, None)
+    normalizer = grpo.loss_normalizer(loss_type, arrays["mask"], MAX_LEN, guided_mask=arrays["guided_mask"],
+                                      guided=guided)
+    guide_count = grpo.guide_token_count(arrays["mask"], arrays["guided_mask"])
+    per_micro = B // num_micro_batches
+    losses, metrics, grads = [], [], []
+    for i in range(num_micro_batches):
+        rows = slice(i * per_micro, (i + 1) * per_micro)
+        (loss, m), g = grad_fn(arrays["logprobs"][rows], rows, normalizer, guide_count)
+        losses.append(float(loss))
+        metrics.append(m)
+        grads.append(np.asarray(g))
+    np.testing.assert_allclose(sum(losses), float(full_loss), rtol=0, atol=option_rounding(inputs, 0.02, 0.3))
+    np.testing.assert_array_less(np.abs(np.concatenate(grads) - np.asarray(full_grad)),
+                                 grad_rounding(inputs, 0.02, 0.3))
+    combined = grpo.combine_metrics({key: jnp.stack([m[key] for m in metrics]) for key in grpo.METRIC_KEYS})
+    assert_option_metrics(combined, {key: float(value) for key, value in full_metrics.items()}, inputs)
+    assert float(full_metrics["num_guided_tokens"]) > 0
+    assert float(full_metrics["clip_ratio/dual"]) > 0 or loss_type == "sft"  # sft has no ratio
+    # Why the selection is global: thresholds taken per micro-batch would pick other tokens.
+    local = jnp.concatenate([
+        grpo.high_entropy_mask(arrays["entropy"][i * per_micro:(i + 1) * per_micro],
+                               loss_tokens[i * per_micro:(i + 1) * per_micro], 0.4)
+        for i in range(num_micro_batches)
+    ])
+    assert np.any(np.asarray(local) != np.asarray(selected))
+
+
+def test_objective_options_are_jittable():
+    static = ("loss_type", "kl", "guided", "importance_level", "max_completion_length", "beta",
+              "dual_clip_c", "kl_clamp", "entropy_coef", "guide_nll_coef")
+    jitted = jax.jit(grpo.policy_loss, static_argnames=static)
+    inputs = option_inputs(2)
+    arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
+    selected = jax.jit(grpo.high_entropy_mask, static_argnames="top_fraction")(
+        arrays["entropy"], arrays["mask"], top_fraction=0.5)
+    np.testing.assert_array_equal(selected, high_entropy_mask_ref(inputs["entropy"], inputs["mask"], 0.5))
+    options = dict(loss_type="dapo", kl="k3", guided="shaping", importance_level="token", beta=BETA,
+                   max_completion_length=MAX_LEN, dual_clip_c=2.0, kl_clamp=0.05, entropy_coef=0.02,
+                   guide_nll_coef=0.3, entropy=arrays["entropy"], policy_mask=selected)
+    loss, metrics = call_policy_loss(jitted, inputs, normalizer=jnp.float32(40.0),
+                                     guide_normalizer=jnp.float32(12.0), **options)
+    eager_loss, eager_metrics = jax_loss(inputs, normalizer=40.0, guide_normalizer=12.0, **options)
+    np.testing.assert_allclose(float(loss), float(eager_loss), rtol=0, atol=option_rounding(inputs, 0.02, 0.3))
+    for key in grpo.METRIC_KEYS:
+        np.testing.assert_allclose(float(metrics[key]), float(eager_metrics[key]), err_msg=key,
+                                   **metric_rounding(inputs))
+
+
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: jax_loss(INPUTS, dual_clip_c=1.0),
+         r"dual_clip_c=1.0 is not valid; expected 0 \(off\) or a number > 1"),
+        (lambda: jax_loss(INPUTS, dual_clip_c=-2.0), r"dual_clip_c=-2.0"),
+        (lambda: jax_loss(INPUTS, kl_clamp=-0.1), r"kl_clamp=-0.1 is not valid"),
+        (lambda: jax_loss(INPUTS, entropy_coef=-1.0), r"entropy_coef=-1.0 is not valid"),
+        (lambda: jax_loss(INPUTS, entropy_coef=0.1), r"entropy_coef=0.1 needs the per-token entropy"),
+        (lambda: jax_loss(INPUTS, guide_nll_coef=float("nan")), r"guide_nll_coef=nan is not valid"),
+        (lambda: grpo.high_entropy_mask(jnp.ones((2, 3)), jnp.ones((2, 3)), 0.0), r"top_fraction=0.0.*\(0, 1\]"),
+        (lambda: grpo.high_entropy_mask(jnp.ones((2, 3)), jnp.ones((2, 3)), 1.5), r"top_fraction=1.5"),
+        (lambda: grpo.group_advantages(jnp.zeros(4), 2, baseline="pair"), r"baseline='pair'.*'group', 'guided_split'"),
+        (lambda: grpo.group_advantages(jnp.zeros(4), 2, baseline="guided_split"), r"needs guided=.*got None"),
+    ],
+)
+def test_bad_objective_options_raise_naming_value_and_options(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()

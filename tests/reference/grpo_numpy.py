@@ -32,6 +32,48 @@ def group_advantages_ref(rewards, group_size, scale="group", eps=1e-4):
     return np.array(out)
 
 
+def group_advantages_split_ref(rewards, guided, group_size, scale="group", eps=1e-4):
+    """Separate baselines for the guided and the unguided rollouts of each group: each side is
+    centred on its own mean and (scale="group") divided by its own unbiased std + eps; a side
+    whose rewards are all equal (a single rollout included) gets 0."""
+    rewards = [float(r) for r in rewards]
+    all_std = float(np.std(rewards, ddof=1)) if len(rewards) > 1 else 0.0
+    out = [0.0] * len(rewards)
+    for start in range(0, len(rewards), group_size):
+        for flag in (True, False):
+            members = [i for i in range(start, start + group_size) if bool(guided[i]) == flag]
+            values = [rewards[i] for i in members]
+            if len(set(values)) <= 1:
+                continue  # constant side (or empty): stays 0
+            mean = sum(values) / len(values)
+            spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            for i in members:
+                if scale == "group":
+                    out[i] = (rewards[i] - mean) / (spread + eps)
+                elif scale == "batch":
+                    out[i] = (rewards[i] - mean) / (all_std + eps)
+                else:
+                    out[i] = rewards[i] - mean
+    return np.array(out)
+
+
+def high_entropy_mask_ref(entropy, loss_tokens, top_fraction):
+    """Keep a loss token when fewer than 1 + floor(q (n - 1)) loss tokens have a strictly larger
+    entropy (so ties at the cut are all kept); n counts the loss tokens of the whole array."""
+    entropy = np.asarray(entropy, np.float64)
+    flat_tokens = [i for i, use in enumerate(np.ravel(loss_tokens)) if use > 0]
+    flat_entropy = np.ravel(entropy)
+    n = len(flat_tokens)
+    keep = np.zeros(entropy.size, bool)
+    if n == 0:
+        return keep.reshape(entropy.shape)
+    budget = 1 + math.floor(top_fraction * (n - 1))
+    for i in flat_tokens:
+        larger = sum(1 for j in flat_tokens if flat_entropy[j] > flat_entropy[i])
+        keep[i] = larger < budget
+    return keep.reshape(entropy.shape)
+
+
 def _kl_value(logp, ref, kl):
     if kl == "k1":
         return logp - ref
@@ -58,8 +100,19 @@ def policy_loss_ref(
     importance_level="token",
     shaping_gamma=0.1,
     log_ratio_clamp=20.0,
+    dual_clip_c=0.0,
+    kl_clamp=0.0,
+    entropy=None,
+    entropy_coef=0.0,
+    policy_mask=None,
+    guide_nll_coef=0.0,
 ):
-    """Returns (loss, metrics) with the same metric names as the library."""
+    """Returns (loss, metrics) with the same metric names as the library.
+
+    Options beyond plain GRPO, from their papers: dual clip (for A < 0 the token objective never
+    drops below c·A), a clamp of the KL value that enters the loss, an entropy bonus on every
+    loss token, a 0/1 policy mask on the policy term only, and lambda × the mean NLL of the
+    guide tokens added to the loss."""
     logprobs = np.asarray(logprobs, np.float64)
     old_logprobs = np.asarray(old_logprobs, np.float64)
     advantages = np.asarray(advantages, np.float64)
@@ -68,7 +121,7 @@ def policy_loss_ref(
         guided_mask = np.zeros((num_rows, num_cols))
 
     seq_token_losses = []  # per row: list of per-token losses of its loss tokens
-    kl_values, low_flags, high_flags = [], [], []
+    kl_values, low_flags, high_flags, dual_flags = [], [], [], []
     for b in range(num_rows):
         a = advantages[b]
         # Which tokens enter the loss, and which of those are LUFFY-shaped.
@@ -107,13 +160,26 @@ def policy_loss_ref(
                 objective = min(r * a, r_clip * a)
                 low_flags.append(1.0 if (r < 1.0 - epsilon_low and a < 0) else 0.0)
                 high_flags.append(1.0 if (r > 1.0 + epsilon_high and a > 0) else 0.0)
+                floor = dual_clip_c * a
+                held = bool(dual_clip_c) and a < 0 and objective < floor
+                dual_flags.append(1.0 if held else 0.0)
+                if held:
+                    objective = floor
+            if loss_type == "sft" or is_shaped[t]:
+                dual_flags.append(0.0)
             if is_shaped[t] and loss_type != "sft":
                 low_flags.append(0.0)
                 high_flags.append(0.0)
             token_loss = -objective
+            if policy_mask is not None and not policy_mask[b, t] > 0:
+                token_loss = 0.0
+            if entropy_coef:
+                token_loss -= entropy_coef * float(entropy[b, t])
             if ref_logprobs is not None:
                 kl_value = _kl_value(logprobs[b, t], float(ref_logprobs[b, t]), kl)
                 kl_values.append(kl_value)
+                if kl_clamp:
+                    kl_value = max(-kl_clamp, min(kl_clamp, kl_value))
                 token_loss += beta * kl_value
             else:
                 kl_values.append(0.0)
@@ -136,6 +202,11 @@ def policy_loss_ref(
     def mean(values):
         return sum(values) / len(values) if values else 0.0
 
+    guide_nlls = [
+        -logprobs[b, t] for b in range(num_rows) for t in range(num_cols) if mask[b, t] > 0 and guided_mask[b, t] > 0
+    ]
+    loss += guide_nll_coef * mean(guide_nlls)
+
     lengths = [float(np.sum(np.asarray(mask[b]) > 0)) for b in range(num_rows)]
     rows = [b for b in range(num_rows) if lengths[b] > 0]
     row_adv = [advantages[b] for b in rows]
@@ -150,7 +221,9 @@ def policy_loss_ref(
         "clip_ratio/low": mean(low_flags),
         "clip_ratio/high": mean(high_flags),
         "clip_ratio/region": mean([max(lo, hi) for lo, hi in zip(low_flags, high_flags)]),
+        "clip_ratio/dual": mean(dual_flags),
         "guided_token_share": guided_tokens / completion_tokens if completion_tokens else 0.0,
+        "guide_nll": mean(guide_nlls),
         "advantage/mean": adv_mean,
         "advantage/std": math.sqrt(mean([(x - adv_mean) ** 2 for x in row_adv])),
         "completion_length/mean": mean([lengths[b] for b in rows]),
@@ -159,6 +232,7 @@ def policy_loss_ref(
         "num_loss_tokens": float(total_tokens),
         "num_completion_tokens": completion_tokens,
         "num_sequences": float(len(rows)),
+        "num_guided_tokens": float(len(guide_nlls)),
     }
     return loss, metrics
 
