@@ -9,6 +9,11 @@ Inside one step:
      exactly the full-batch gradient;
   4. the guidance-schedule update from the step's mean reward, and metrics.
 
+An update whose loss or gradient is not finite is skipped: params and optimizer state stay as
+they were (so the learning-rate schedule does not advance either), the guidance schedule keeps
+its state when any of the step's updates was skipped, and the metric `skipped_nonfinite` is 1.
+The step counter still advances: the batch is consumed, and the loop counts skips in a row.
+
 Layout: the batch's leading axis is sharded over the mesh's batch axes (S shards). A micro-batch
 takes the same number of whole groups from every shard, so each micro-batch stays spread over all
 devices and no group is ever split (`validate_layout` checks the sizes at config time).
@@ -126,6 +131,13 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.advantage_eps = 1e-4
     cfg.max_completion_length = 0  # dr_grpo's constant; 0 = the batch's completion width L
     cfg.dynamic_sampling = False  # DAPO: zero-std groups leave the loss and its normaliser
+    # Objective options (grpo.py's module docstring has the formulas); each default is "off".
+    cfg.dual_clip_c = 0.0  # > 1: dual clip for A < 0, objective >= c·A; 0 = off
+    cfg.kl_clamp = 0.0  # > 0: per-token KL clamped to [-k, k] in the loss; 0 = off
+    cfg.entropy_coef = 0.0  # > 0: entropy bonus weight; 0 = off
+    cfg.entropy_top_fraction = 1.0  # in (0, 1): policy term only on the top fraction of loss tokens by entropy
+    cfg.guide_nll_coef = 0.0  # > 0: UFT-style NLL of the forced guide tokens; 0 = off
+    cfg.advantage_baseline = "group"  # group | guided_split (guided and unguided rollouts apart)
     cfg.remat = False  # rematerialise decoder layers in the backward pass
     cfg.logprob_chunk_size = 128  # positions per chunk of the LM-head / log-softmax
     return cfg
@@ -139,6 +151,7 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
         "guided": grpo.GUIDED_MODES,
         "importance_level": grpo.IMPORTANCE_LEVELS,
         "scale_rewards": grpo.ADVANTAGE_SCALES,
+        "advantage_baseline": grpo.ADVANTAGE_BASELINES,
     }
     for key, valid in options.items():
         if step_cfg[key] not in valid:
@@ -150,9 +163,16 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"train_step.{key}={value!r} is not valid; valid: an integer >= {low}")
     if not step_cfg.temperature > 0:
         raise ValueError(f"train_step.temperature={step_cfg.temperature!r} is not valid; valid: a number > 0")
-    for key in ("epsilon_low", "epsilon_high", "beta", "shaping_gamma", "advantage_eps"):
+    for key in ("epsilon_low", "epsilon_high", "beta", "shaping_gamma", "advantage_eps",
+                "kl_clamp", "entropy_coef", "guide_nll_coef"):
         if not step_cfg[key] >= 0:
             raise ValueError(f"train_step.{key}={step_cfg[key]!r} is not valid; valid: a number >= 0")
+    if not (step_cfg.dual_clip_c == 0 or step_cfg.dual_clip_c > 1):
+        raise ValueError(f"train_step.dual_clip_c={step_cfg.dual_clip_c!r} is not valid; "
+                         "valid: 0 (off) or a number > 1")
+    if not 0 < step_cfg.entropy_top_fraction <= 1:
+        raise ValueError(f"train_step.entropy_top_fraction={step_cfg.entropy_top_fraction!r} is not valid; "
+                         "valid: a number in (0, 1] (1 = every loss token)")
     if step_cfg.scale_rewards == "group" and step_cfg.group_size < 2:
         raise ValueError(
             f"train_step.group_size={step_cfg.group_size} is not valid with scale_rewards='group'; "
@@ -310,6 +330,10 @@ def loss_options(step_cfg: ml_collections.ConfigDict, completion_width: int) -> 
         importance_level=step_cfg.importance_level,
         shaping_gamma=float(step_cfg.shaping_gamma),
         log_ratio_clamp=float(step_cfg.log_ratio_clamp),
+        dual_clip_c=float(step_cfg.dual_clip_c),
+        kl_clamp=float(step_cfg.kl_clamp),
+        entropy_coef=float(step_cfg.entropy_coef),
+        guide_nll_coef=float(step_cfg.guide_nll_coef),
     )
 
 
@@ -353,6 +377,8 @@ def make_train_step(
     dynamic_sampling = bool(step_cfg.dynamic_sampling)
     scale_rewards = step_cfg.scale_rewards
     advantage_eps = float(step_cfg.advantage_eps)
+    advantage_baseline = step_cfg.advantage_baseline
+    entropy_top_fraction = float(step_cfg.entropy_top_fraction)
     micro_batch_size = int(step_cfg.micro_batch_size)
     num_shards = batch_shard_count(mesh, rules)
     batch_axes = dict(rules)["batch"]
@@ -369,12 +395,14 @@ def make_train_step(
     def constrain(x, spec):
         return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    def micro_logprobs(params, micro_batches):  # -> [k, B/k, L], no gradient
+    def micro_logprobs(params, micro_batches, with_entropy=False):  # -> [k, B/k, L] (each), no gradient
         return jax.lax.map(
-            lambda mb: compute_logprobs(model_cfg, params, mb, temperature, chunk_size=chunk_size), micro_batches
+            lambda mb: compute_logprobs(model_cfg, params, mb, temperature, chunk_size=chunk_size,
+                                        with_entropy=with_entropy), micro_batches
         )
 
-    def micro_loss(params, micro, advantages, old_logprobs, ref_logprobs, normalizer, options):
+    def micro_loss(params, micro, advantages, old_logprobs, ref_logprobs, policy_mask, normalizers, options):
+        """normalizers: the global denominators, keyword arguments of `grpo.policy_loss`."""
         logprobs, entropy = compute_logprobs(
             model_cfg, params, micro, temperature, chunk_size=chunk_size, remat=remat, with_entropy=True
         )  # [b, L] each
@@ -382,20 +410,22 @@ def make_train_step(
             old_logprobs = jax.lax.stop_gradient(logprobs)
         loss, metrics = grpo.policy_loss(
             logprobs, old_logprobs, ref_logprobs, advantages, micro.completion_mask,
-            guided_mask=micro.guided_mask, normalizer=normalizer, **options,
+            guided_mask=micro.guided_mask, entropy=entropy if options["entropy_coef"] else None,
+            policy_mask=policy_mask, **normalizers, **options,
         )
         completion = (micro.completion_mask > 0).astype(jnp.float32)
         entropy_sum = jnp.sum(jax.lax.stop_gradient(entropy) * completion)
         return loss, (metrics, entropy_sum)
 
-    def accumulated_gradients(params, micro_batches, advantages, old_logprobs, ref_logprobs, normalizer,
-                              options):
+    def accumulated_gradients(params, micro_batches, advantages, old_logprobs, ref_logprobs, normalizers,
+                              options, policy_mask=None):
         """Sum over micro-batches of the gradients of the globally normalised losses."""
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def add_micro_batch(grad_sum, xs):
-            micro, adv, old, ref = xs
-            (_, (metrics, entropy_sum)), grads = grad_fn(params, micro, adv, old, ref, normalizer, options)
+            micro, adv, old, ref, selected = xs
+            (_, (metrics, entropy_sum)), grads = grad_fn(params, micro, adv, old, ref, selected, normalizers,
+                                                         options)
             grad_sum = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sum, grads)
             return grad_sum, (metrics, entropy_sum)
 
@@ -403,10 +433,12 @@ def make_train_step(
         if param_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
         grads, (per_micro, entropy_sums) = jax.lax.scan(
-            add_micro_batch, zeros, (micro_batches, advantages, old_logprobs, ref_logprobs)
+            add_micro_batch, zeros, (micro_batches, advantages, old_logprobs, ref_logprobs, policy_mask)
         )
         metrics = grpo.combine_metrics(per_micro)
         metrics["entropy"] = entropy_sums.sum() / jnp.maximum(metrics["num_completion_tokens"], 1.0)
+        if policy_mask is not None:  # the share of loss tokens that keep their policy term
+            metrics["policy_token_share"] = policy_mask.sum() / jnp.maximum(metrics["num_loss_tokens"], 1.0)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return grads, metrics
 
@@ -422,30 +454,56 @@ def make_train_step(
         options = loss_options(step_cfg, completion_width)
 
         rewards = batch.rewards.astype(jnp.float32)  # [B]
-        advantages = grpo.group_advantages(rewards, group_size, scale=scale_rewards, eps=advantage_eps)  # [B]
+        advantages = grpo.group_advantages(
+            rewards, group_size, scale=scale_rewards, eps=advantage_eps, baseline=advantage_baseline,
+            guided=jnp.any(batch.guided_mask > 0, axis=1),
+        )  # [B]
         zero_std_rows = zero_std_row_mask(rewards, group_size)  # [B]
         completion_mask = batch.completion_mask  # [B, L] as sampled, for the guidance metrics
         if dynamic_sampling:  # rows of uninformative groups count as absent (grpo's convention)
             batch = batch.replace(completion_mask=jnp.where(zero_std_rows[:, None], 0, batch.completion_mask))
-        normalizer = grpo.loss_normalizer(
+        # The loss's denominators, from the whole batch so micro-batch gradients add up exactly.
+        normalizers = dict(normalizer=grpo.loss_normalizer(
             options["loss_type"], batch.completion_mask, options["max_completion_length"],
             guided_mask=batch.guided_mask, guided=options["guided"],
-        )
+        ))
+        if options["guide_nll_coef"]:
+            normalizers["guide_normalizer"] = grpo.guide_token_count(batch.completion_mask, batch.guided_mask)
 
         micro_batches = jax.tree.map(as_micro, batch)
         micro_advantages = as_micro(advantages)  # [k, B/k]
         ref_logprobs = micro_logprobs(ref_params, micro_batches) if use_kl else None  # [k, B/k, L]
         # μ = 1: the old policy is the current one (ratio 1, stop-gradient inside the loss).
-        old_logprobs = None if num_iterations == 1 else micro_logprobs(state.params, micro_batches)
+        old_logprobs = None
+        if num_iterations > 1 and entropy_top_fraction == 1:
+            old_logprobs = micro_logprobs(state.params, micro_batches)
+        policy_mask = None  # [k, B/k, L]: the high-entropy tokens that keep their policy term
+        if entropy_top_fraction < 1:
+            # One global selection from the policy before the first update: independent of the
+            # micro-batch split and fixed over the μ updates. With μ > 1 the same no-grad forward
+            # gives the old log-probs; with μ = 1 it is an extra forward.
+            logprobs_before, entropy_before = micro_logprobs(state.params, micro_batches, with_entropy=True)
+            old_logprobs = None if num_iterations == 1 else logprobs_before
+            loss_tokens = grpo.loss_token_mask(micro_batches.completion_mask, micro_batches.guided_mask,
+                                               options["guided"])
+            policy_mask = grpo.high_entropy_mask(entropy_before, loss_tokens, entropy_top_fraction)
 
         def one_update(carry, _):
             params, opt_state = carry
             grads, metrics = accumulated_gradients(
-                params, micro_batches, micro_advantages, old_logprobs, ref_logprobs, normalizer, options
+                params, micro_batches, micro_advantages, old_logprobs, ref_logprobs, normalizers, options,
+                policy_mask,
             )
             metrics["grad_norm"] = optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            # A non-finite loss or gradient (an overflow, a NaN reward) would poison the params and
+            # Adam's moments for good: such an update is not applied. The select sits inside the
+            # update so XLA can fuse it with apply_updates (no second copy of params and moments).
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), (params, opt_state))
+            metrics["skipped_nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
             learning_rate = optim.current_learning_rate(opt_state)
             if learning_rate is not None:
                 metrics["learning_rate"] = learning_rate
@@ -456,9 +514,13 @@ def make_train_step(
         )
         # Loss, clip fractions, grad norm, ...: the mean over the μ updates.
         metrics = {key: jnp.mean(value) for key, value in per_iteration.items()}
+        # 1 when any of the μ updates was skipped; the schedule then keeps its state as well.
+        skipped = jnp.max(per_iteration["skipped_nonfinite"])
+        metrics["skipped_nonfinite"] = skipped
 
         reward = guidance_lib.step_reward(batch.accuracy, rewards, frozen_gcfg.reward_source)
-        new_guidance = guidance_lib.update(state.guidance, reward, frozen_gcfg)
+        new_guidance = jax.tree.map(lambda new, old: jnp.where(skipped > 0, old, new),
+                                    guidance_lib.update(state.guidance, reward, frozen_gcfg), state.guidance)
         guided_rows = jnp.any(batch.guided_mask > 0, axis=1)  # [B]
         # Guided vs unguided success is reported on the accuracy reward (what the schedule reads).
         metrics.update(guidance_lib.guidance_metrics(

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from g2rpo_jax import data, models, rewards, train
+from g2rpo_jax import data, models, rewards, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +39,15 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+def saved_host_state(workdir, step):
+    """The host-side item of checkpoint `step` (data position, counters, config)."""
+    manager = train_state.make_checkpoint_manager(os.path.join(workdir, "checkpoints"))
+    try:
+        return train_state.restore_host_state(manager, step)
+    finally:
+        manager.close()
+
+
 def test_demo_runs_resumes_and_exports(tmp_path):
     workdir = tmp_path / "run"
     train.train(demo_config(workdir, total_steps=2))
@@ -54,8 +63,9 @@ def test_demo_runs_resumes_and_exports(tmp_path):
     train.train(demo_config(workdir, total_steps=3))  # resumes at step 2
     resumed = read_metrics(workdir)
     assert [m["step"] for m in resumed] == [1, 2, 3]
-    with open(os.path.join(workdir, "data_state", "2.json")) as f:
-        assert json.load(f)  # the iterator position was saved beside the checkpoint
+    assert saved_host_state(workdir, 2)["data"]  # the iterator position is inside the checkpoint
+    # Each start kept its own config; the resume changed only run.total_steps.
+    assert os.path.isfile(workdir / "config.json") and os.path.isfile(workdir / "config.from_step_2.json")
     # The tiny model took its vocabulary from the demo's character-level tokenizer.
     cfg, params = models.load_hf(str(workdir / "final_hf"))
     tokenizer = models.load_tokenizer(str(workdir / "final_hf"))
@@ -104,14 +114,11 @@ def test_a_crash_saves_the_last_state(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="reward server went away"):
         train.train(demo_config(workdir, total_steps=3, checkpoint_every=100))
     assert os.path.isdir(workdir / "checkpoints" / "1")  # step 1 finished; it was saved on the way out
-    assert os.path.isfile(workdir / "data_state" / "1.json")
     # Resuming replays the batch of the step that failed, then goes on.
-    with open(workdir / "data_state" / "1.json") as f:
-        position_after_step_one = json.load(f)
+    position_after_step_one = saved_host_state(workdir, 1)["data"]
     train.train(demo_config(workdir, total_steps=2, checkpoint_every=100))
     assert [m["step"] for m in read_metrics(workdir)] == [1, 2]
-    with open(workdir / "data_state" / "2.json") as f:
-        assert json.load(f) != position_after_step_one
+    assert saved_host_state(workdir, 2)["data"] != position_after_step_one
 
 
 def test_compilation_cache_keeps_compiled_programs(tmp_path):
@@ -128,3 +135,68 @@ def test_compilation_cache_keeps_compiled_programs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"compiled programs are cached in {cache}" in result.stdout
     assert any(cache.iterdir()), "no compiled program was written"
+
+
+# ----------------------------------------------------------------------------- long runs (see also test_preemption)
+
+
+def test_a_config_error_is_found_before_any_work_and_saves_nothing(tmp_path):
+    workdir = tmp_path / "bad"
+    cfg = demo_config(workdir, total_steps=2)
+    cfg.step.micro_batch_size = 3  # would split a group: found at start, not at the first step
+    with pytest.raises(ValueError, match="micro_batch_size=3"):
+        train.train(cfg)
+    assert not os.path.exists(workdir)
+    cfg = demo_config(workdir, total_steps=2, max_nonfinite_steps=-1)
+    with pytest.raises(ValueError, match=r"run.max_nonfinite_steps=-1 is not valid"):
+        train.train(cfg)
+    assert not os.path.exists(workdir)
+
+
+def test_checkpoints_of_the_earlier_layout_are_refused_at_start(tmp_path):
+    workdir = tmp_path / "old"
+    os.makedirs(workdir / "checkpoints" / "100" / "default")  # what the earlier version wrote
+    with pytest.raises(ValueError, match=r"checkpoints of steps \[100\] in the layout of an earlier version"):
+        train.train(demo_config(workdir, total_steps=200))
+    assert sorted(os.listdir(workdir)) == ["checkpoints"]
+
+
+def test_config_changes_separate_fixed_keys_from_allowed_ones(tmp_path):
+    saved = train.config_as_dict(demo_config(tmp_path))
+    cfg = demo_config(tmp_path)
+    cfg.optim.learning_rate = 5e-5
+    cfg.guidance.window = 5  # the adaptive rule's reward buffer: a shape in the saved state
+    cfg.model.dtype = "bfloat16"
+    changes = train.config_changes(saved, train.config_as_dict(cfg))
+    assert changes["optim.learning_rate"] == (1e-4, 5e-5)
+    assert train.fixed_changes(changes, "adaptive") == ["guidance.window", "model.dtype"]
+    with pytest.raises(ValueError, match=r"guidance.window \(3 -> 5\), model.dtype \('float32' -> 'bfloat16'\) differ"):
+        train.check_resume_config(saved, train.config_as_dict(cfg), 7, str(tmp_path))
+    cfg = demo_config(tmp_path, variant="naive")  # fixed guidance: the window is not used
+    naive = train.config_as_dict(cfg)
+    cfg.guidance.window = 5
+    cfg.optim.max_grad_norm = 0.5  # clipping stays on: the optimizer state keeps its structure
+    assert train.fixed_changes(train.config_changes(naive, train.config_as_dict(cfg)), "fixed") == []
+    cfg.optim.max_grad_norm = 0.0  # clipping off: a stage of the optimizer state goes away
+    changes = train.config_changes(naive, train.config_as_dict(cfg))
+    assert train.fixed_changes(changes, "fixed") == ["optim.max_grad_norm"]
+
+
+def test_truncating_metrics_keeps_each_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "lo')  # cut by a kill
+    assert train.truncate_metrics(str(path), 2) == 3
+    assert read_metrics(tmp_path) == records[:2]
+    assert train.truncate_metrics(str(path), 2) == 0 and not os.path.exists(str(path) + ".tmp")
+
+
+def test_stop_requests_turn_the_first_signal_into_a_flag():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with train.StopRequests() as stops:
+        assert stops.agreed() is None
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request to stop
+        assert stops.agreed() == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -216,4 +217,82 @@ def test_checkpoint_restores_onto_a_mesh_with_the_same_shardings(tmp_path):
     # Without shardings a sharded target's own layout is used.
     again = train_state.restore_checkpoint(manager, sharded)
     assert again.params["embedding"].sharding == sharded.params["embedding"].sharding
+    manager.close()
+
+
+def test_host_state_travels_in_the_same_checkpoint(tmp_path):
+    gcfg = guidance.get_default_config()
+    optimizer = optim.make_optimizer(optimizer_config())
+    state = advanced_state(optimizer, gcfg)
+    manager = train_state.make_checkpoint_manager(str(tmp_path))
+    host = {"data": {"grain": {"next_index": 7}}, "nonfinite_in_a_row": 1}
+    train_state.save_checkpoint(manager, state, host)
+    manager.wait_until_finished()
+    assert {train_state.HOST_ITEM, train_state.STATE_ITEM} <= set(os.listdir(tmp_path / "3"))  # one step directory
+    assert train_state.restore_host_state(manager, 3) == host
+    manager.close()
+
+
+def test_keeps_the_latest_and_the_best_scoring_step(tmp_path):
+    state = train_state.create({"w": jnp.zeros(3)}, optim.make_optimizer(optimizer_config()),
+                               guidance.get_default_config(), jax.random.key(0))
+    manager = train_state.make_checkpoint_manager(str(tmp_path), max_to_keep=2, keep_best=True)
+    scores = {2: 0.9, 4: 0.1}  # only evaluated steps carry a score
+    for step in range(1, 7):
+        train_state.save_checkpoint(manager, state, {}, step=step, score=scores.get(step))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 5, 6]  # the latest two and the best
+    manager.close()
+
+
+def _save_steps(directory, steps):
+    gcfg = guidance.get_default_config()
+    optimizer = optim.make_optimizer(optimizer_config())
+    base = advanced_state(optimizer, gcfg)
+    states = {s: base.replace(step=jnp.int32(s), params=jax.tree.map(lambda p: p + s, base.params)) for s in steps}
+    manager = train_state.make_checkpoint_manager(str(directory))
+    for s, state in states.items():
+        train_state.save_checkpoint(manager, state, {"at": s})
+    manager.wait_until_finished()
+    return manager, states, train_state.abstract_state(states[steps[0]].params, optimizer, gcfg)
+
+
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    manager, states, abstract = _save_steps(tmp_path / "checkpoints", [1, 2])
+    victim = _largest_file(tmp_path / "checkpoints" / "2" / train_state.STATE_ITEM)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    seen = []
+    resumed = train_state.restore_latest_intact(manager, abstract, check_host=lambda s, h: seen.append((s, h)))
+    assert resumed.step == 1 and resumed.host == {"at": 1} and seen == [(2, {"at": 2}), (1, {"at": 1})]
+    assert_states_equal(resumed.state, states[1])
+    [(step, path, error)] = resumed.damaged
+    assert step == 2 and path == str(tmp_path / "checkpoints" / "2") and "\n" not in error  # one line
+    # Moved aside, so the run can write step 2 again.
+    assert manager.all_steps() == [1] and os.path.isdir(tmp_path / "checkpoints_damaged" / "2")
+    manager.close()
+
+
+def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
+    manager, _, abstract = _save_steps(tmp_path / "checkpoints", [1, 2])
+    for step in (1, 2):
+        os.remove(os.path.join(tmp_path, "checkpoints", str(step), train_state.HOST_ITEM, "metadata"))
+    with pytest.raises(RuntimeError, match=r"no checkpoint .* could be restored .*checkpoints/2: .*checkpoints/1"):
+        train_state.restore_latest_intact(manager, abstract)
+    assert manager.all_steps() == [1, 2]
+    # A refusal from check_host (a config that cannot resume) is not damage: it propagates at once.
+    _, _, abstract = _save_steps(tmp_path / "other", [1])
+    manager = train_state.make_checkpoint_manager(str(tmp_path / "other"))
+
+    def refuse(step, host):
+        raise ValueError("guidance.mode differs")
+
+    with pytest.raises(ValueError, match="guidance.mode"):
+        train_state.restore_latest_intact(manager, abstract, check_host=refuse)
+    assert manager.all_steps() == [1]
     manager.close()

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec
 
 from g2rpo_jax import guidance, models, optim, sharding, train_state, train_step
 from g2rpo_jax.grpo import policy_loss as grpo_loss
-from tests.reference.grpo_numpy import group_advantages_ref
+from tests.reference.grpo_numpy import group_advantages_ref, group_advantages_split_ref, high_entropy_mask_ref
 
 G, P, L = 4, 8, 8
 TEMPERATURE = 0.7
@@ -305,6 +305,24 @@ def test_first_step_loss_is_the_analytic_value(model, loss_type):
     np.testing.assert_allclose(metrics["entropy"] > 0, True)
 
 
+def test_nonfinite_gradient_skips_the_update_and_is_counted(model):
+    """A NaN reward makes the advantages, the loss and the gradient NaN (the loop's test hook):
+    the params and the guidance schedule stay bitwise as they were, the step counter advances
+    and the step reports the skip; a finite batch through the same program is not skipped."""
+    _, params, ref_params, _ = model
+    compiled, state, batch = grid_step(model, "grpo", 8)
+    rewards = np.asarray(batch.rewards).copy()
+    rewards[3] = np.nan
+    poisoned = batch.replace(rewards=rewards)
+    new_state, metrics = compiled(state, ref_params, poisoned)
+    assert not np.isfinite(float(metrics["grad_norm"])) and float(metrics["skipped_nonfinite"]) == 1.0
+    assert int(new_state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
+    jax.tree.map(np.testing.assert_array_equal, new_state.guidance, state.guidance)
+    _, finite_metrics = compiled(state, ref_params, batch)
+    assert float(finite_metrics["skipped_nonfinite"]) == 0.0 and np.isfinite(float(finite_metrics["grad_norm"]))
+
+
 def test_dynamic_sampling_equals_dropping_zero_std_groups(model):
     """dynamic_sampling in the step = the batch without its zero-std groups; with beta = 0 the
     reference forward is skipped (ref_params=None) and the loss is still the analytic value."""
@@ -447,3 +465,104 @@ def test_sharded_step_equals_single_device(model):
     for scalar in (new_state.step, adam(new_state).count, new_state.guidance.current_length, new_state.rng):
         assert scalar.sharding.spec == PartitionSpec()
     jax.tree.map(np.testing.assert_array_equal, new_state.guidance, single_state.guidance)
+
+
+# ----------------------------------------------------------------------------- objective options
+
+ALL_OPTIONS = dict(dual_clip_c=1.5, kl_clamp=0.05, entropy_coef=0.01, entropy_top_fraction=0.5,
+                   guide_nll_coef=0.1, advantage_baseline="guided_split")
+
+
+def test_every_objective_option_runs_with_finite_metrics(model):
+    """All six step options on at once, μ = 2 so the second update's ratios leave 1 (the dual
+    bound can act), k = 2 micro-batches: finite metrics, and each option shows in them."""
+    cfg, params, ref_params, _ = model
+    rate = 3.0  # large steps, as in the μ = 2 test, so the second update is clipped
+    step_cfg = step_config(loss_type="bnpo", num_iterations=2, micro_batch_size=8, **ALL_OPTIONS)
+    step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(rate), donate=False)
+    state = train_state.create(params, optax.sgd(rate), guidance_config(), jax.random.key(0))
+    batch = rollout_batch(4, seed=2)
+    new_state, metrics = compile_step(step_fn, state, ref_params, batch)(state, ref_params, batch)
+    assert all(np.isfinite(float(value)) for value in metrics.values()), metrics
+    assert max_abs_diff(new_state.params, params) > 1e-3
+    assert float(metrics["num_guided_tokens"]) > 0 and float(metrics["guide_nll"]) > 0
+    assert 0.4 < float(metrics["policy_token_share"]) < 0.7  # half the loss tokens, ties kept
+    # Means over the 2 updates; the first has ratio 1 everywhere, the second leaves the clip range.
+    assert float(metrics["clip_ratio/region"]) > 0 and float(metrics["clip_ratio/dual"]) > 0
+
+
+def test_objective_options_accumulate_exactly_in_the_step(model):
+    """Every option on (μ = 1): one micro-batch and two give the same update and metrics, so the
+    entropy selection, the guide-token count and the guided_split advantages are all global; and
+    both equal one SGD step on the full-batch loss written out by hand (so the entropy reaches the
+    loss with its gradient, and the selection is the numpy reference's)."""
+    cfg, params, ref_params, _ = model
+    batch = rollout_batch(4, seed=5)
+    state = train_state.create(params, optax.sgd(SGD_RATE), guidance_config(), jax.random.key(0))
+    results = {}
+    for micro_batch_size in (16, 8):
+        step_cfg = step_config(loss_type="grpo", micro_batch_size=micro_batch_size, **ALL_OPTIONS)
+        step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(SGD_RATE), donate=False)
+        results[micro_batch_size] = compile_step(step_fn, state, ref_params, batch)(state, ref_params, batch)
+    (full_state, full), (split_state, split) = results[16], results[8]
+
+    # The selection is the same only if no two entropies sit within rounding of each other at the
+    # cut: check that the gap there is far above float32 rounding of an entropy (≈ 1e-6).
+    _, entropy = jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE,
+                                           with_entropy=True))(params, batch)
+    loss_tokens = np.asarray(batch.completion_mask) > 0
+    ordered = np.sort(np.asarray(entropy)[loss_tokens])[::-1]
+    keep = 1 + int(np.floor(0.5 * (ordered.size - 1)))
+    assert ordered[keep - 1] - ordered[keep] > 1e-4
+    assert float(full["policy_token_share"]) == float(split["policy_token_share"]) == keep / ordered.size
+
+    n = int(full["num_loss_tokens"])
+    advantages = group_advantages_split_ref(batch.rewards, np.asarray(batch.guided_mask).any(axis=1), G)
+    weights = np.asarray(batch.completion_mask).sum(axis=1)
+    term_size = (float(np.average(np.abs(advantages), weights=weights)) + 3 * 0.04
+                 + ALL_OPTIONS["entropy_coef"] * float(full["entropy"])
+                 + ALL_OPTIONS["guide_nll_coef"] * float(full["guide_nll"]))
+    assert_metrics_match(split, full, n, term_size)
+    for key in ("policy_token_share", "num_guided_tokens", "clip_ratio/region"):
+        assert float(split[key]) == float(full[key]), key
+    np.testing.assert_allclose(split["guide_nll"], full["guide_nll"], rtol=sum_rounding(n, 1.0))
+    bound = sum_rounding(n, float(full["grad_norm"])) + F32_EPS * np.abs(flat(full_state.params)).max()
+    assert np.abs(flat(split_state.params) - flat(full_state.params)).max() <= bound
+
+    selected = high_entropy_mask_ref(np.asarray(entropy), loss_tokens, ALL_OPTIONS["entropy_top_fraction"])
+    options = train_step.loss_options(step_config(**ALL_OPTIONS), L)
+    logprobs_of = functools.partial(train_step.compute_logprobs, cfg, batch=batch, temperature=TEMPERATURE)
+
+    @jax.jit
+    def sgd(p):
+        def loss(p):
+            logprobs, entropy = logprobs_of(p, with_entropy=True)
+            return grpo_loss(logprobs, jax.lax.stop_gradient(logprobs), logprobs_of(ref_params), advantages,
+                             batch.completion_mask, guided_mask=batch.guided_mask, entropy=entropy,
+                             policy_mask=selected, **options)[0]
+        return jax.tree.map(lambda w, g: w - SGD_RATE * g, p, jax.grad(loss)(p))
+
+    expected = flat(sgd(params))
+    assert np.abs(expected - flat(params)).max() > 1e3 * bound  # the update is far above rounding
+    for new_state in (full_state, split_state):
+        assert np.abs(flat(new_state.params) - expected).max() <= bound
+
+
+def test_objective_option_defaults_change_nothing_and_bad_values_name_the_key(model):
+    cfg = model[0]
+    defaults = train_step.get_default_config()
+    assert (defaults.dual_clip_c, defaults.kl_clamp, defaults.entropy_coef, defaults.entropy_top_fraction,
+            defaults.guide_nll_coef, defaults.advantage_baseline) == (0.0, 0.0, 0.0, 1.0, 0.0, "group")
+    options = train_step.loss_options(defaults, L)
+    assert all(options[key] == 0.0 for key in ("dual_clip_c", "kl_clamp", "entropy_coef", "guide_nll_coef"))
+    for key, value, message in [
+        ("dual_clip_c", 0.9, r"step.dual_clip_c=0.9 is not valid; valid: 0 \(off\) or a number > 1"),
+        ("kl_clamp", -1.0, r"step.kl_clamp=-1.0 is not valid; valid: a number >= 0"),
+        ("entropy_coef", -0.1, r"step.entropy_coef=-0.1 is not valid"),
+        ("entropy_top_fraction", 0.0, r"step.entropy_top_fraction=0.0 is not valid; valid: a number in \(0, 1\]"),
+        ("guide_nll_coef", float("nan"), r"step.guide_nll_coef=nan is not valid"),
+        ("advantage_baseline", "pairs",
+         r"step.advantage_baseline='pairs' is not valid; valid: \('group', 'guided_split'\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_step.make_train_step(cfg, step_config(**{key: value}), guidance_config(), optax.sgd(1.0))

@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
         "seed": 0,
         "log_every": 1,
         "checkpoint_every": 50,
-        "max_checkpoints": 3,
+        "max_checkpoints": 3,  # the latest kept (0 = all); with eval_every also the best-scoring one
+        "max_nonfinite_steps": 10,  # skipped non-finite steps in a row that stop the run; 0 = never stop
         "eval_every": 0,  # steps between evaluations with the `eval` section; 0 = never
         "save_hf_at_end": True,
     })
