@@ -158,8 +158,9 @@ def start(run: Run, core: int | None) -> subprocess.Popen:
     log = open(os.path.join(run.workdir, "train.log"), "a")
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(run.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=pin)
+    with log:  # the child keeps its own copy of the file descriptor
+        return subprocess.Popen(run.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=pin)
 
 
 def format_seconds(seconds: float) -> str:

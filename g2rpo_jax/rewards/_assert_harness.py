@@ -306,14 +306,18 @@ class Codec:
             return self.resolve_reference(node[1], node[2])
         raise ValueError(f"malformed value (tag {tag!r})")
 
+    # The three hooks below are abstract: `Judge` and `ProgramSide` each implement them for
+    # their own end of the pipe.
     def encode_own(self, value):
         """A node for the other side's proxies and stubs held here; None for other values."""
         raise NotImplementedError
 
     def reference(self, value):
+        """A ("ref", owner, index) node for a value of this side that must not be copied."""
         raise NotImplementedError
 
     def resolve_reference(self, owner, index):
+        """The value a ("ref", owner, index) node stands for on this side."""
         raise NotImplementedError
 
 
@@ -335,13 +339,17 @@ class Side(Codec):
                 raise self.error_from(reply[1], reply[2])
             self.serve(reply)
 
+    # Abstract, implemented by `Judge` and `ProgramSide`.
     def receive(self):
+        """The next message from the other side."""
         raise NotImplementedError
 
     def serve(self, message):
+        """Answers a request the other side made while this side waits for its own reply."""
         raise NotImplementedError
 
     def error_from(self, name, message):
+        """The exception to raise here for an error the other side reported."""
         raise NotImplementedError
 
 
