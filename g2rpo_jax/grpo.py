@@ -46,6 +46,17 @@ bit for bit, r is the importance ratio, A the advantage, "loss tokens" as above)
 - `group_advantages(..., baseline="guided_split")`: guided and unguided rollouts of a group get
   separate means (and stds for scale="group"); a side whose rewards are all equal (one rollout, or
   no spread) gets advantage 0, like a constant group.
+- `tis_weights` w (truncated importance sampling, TIS: Yao et al. 2025, "Your Efficient RL
+  Framework Secretly Brings You Off-Policy RL Training", fengyao.notion.site/off-policy-rl): the
+  sampler may compute other probabilities than the trainer (bf16 sampling, f32 training), so the
+  rollouts come from π_sampler, not from π_old. Each token's policy term (the clipped surrogate, or
+  -log p for `sft`) is multiplied by w, with no gradient through w; the KL term, the entropy bonus
+  and the guide NLL are not weighted. `truncated_importance_weights` gives, with s = sampled
+  completion tokens (not forced guide tokens, not padding) and C the cap,
+    token level     w_t = min(exp(log π_old_t - log π_sampler_t), C) on s, 1 elsewhere;
+    sequence level  w = min(exp(Σ_{t in s} (log π_old_t - log π_sampler_t)), C) on every token of
+                    the row.
+  `mismatch_metrics` reports the sampler/trainer drift over s and the weights' statistics.
 
 `bnpo` and `dapo` have the same formula here (token sum over the global batch's loss-token count).
 TRL's `bnpo` normalises by the tokens of each micro-batch (so it depends on the split) while its
@@ -55,6 +66,7 @@ configs from either code base mean the same loss.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import chex
@@ -67,6 +79,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sft")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 GUIDED_MODES = ("train", "mask", "shaping")
 IMPORTANCE_LEVELS = ("token", "sequence")
+TIS_LEVELS = ("none", "token", "sequence")
 
 # Keys of the metrics dict returned by `policy_loss`, grouped by how they combine over
 # micro-batches (see `combine_metrics`).
@@ -84,6 +97,13 @@ METRIC_KEYS = (
     + ("advantage/std", "completion_length/min", "completion_length/max")
     + _COUNTS
 )
+# Keys of `mismatch_metrics`: the drift, always; the TIS weights' statistics, when weights are given.
+# Means over sampled tokens, or over "TIS units" (sampled tokens at token level, rows with a sampled
+# token at sequence level), each with its count so that micro-batches combine exactly.
+_SAMPLED_TOKEN_MEANS = ("mismatch/logprob_abs_diff", "mismatch/k1")
+_TIS_UNIT_MEANS = ("mismatch/tis_weight_mean", "mismatch/tis_clipped_fraction")
+MISMATCH_KEYS = _SAMPLED_TOKEN_MEANS + ("mismatch/logprob_max_abs_diff", "mismatch/num_sampled_tokens")
+TIS_KEYS = _TIS_UNIT_MEANS + ("mismatch/num_tis_units",)
 
 
 def _check_option(name: str, value, options: tuple) -> None:
@@ -355,6 +375,7 @@ def policy_loss(
     policy_mask: Optional[jax.Array] = None,
     guide_nll_coef: float = 0.0,
     guide_normalizer: Optional[jax.Array] = None,
+    tis_weights: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped GRPO surrogate loss (to minimise) with an optional KL penalty, and its metrics.
 
@@ -387,6 +408,9 @@ def policy_loss(
       guide_nll_coef: 0 (off) or λ > 0: adds λ × Σ(-log p over guide tokens) / guide_normalizer.
       guide_normalizer: that term's denominator; None = this call's guide-token count. Pass
         `guide_token_count(...)` of the global batch when this call sees one micro-batch.
+      tis_weights: [B, T] truncated importance weights (`truncated_importance_weights`) or None
+        (off). They multiply each loss token's policy term only (not the KL term, the entropy
+        bonus or the guide NLL) and carry no gradient; values off the loss tokens are ignored.
       The option values (dual_clip_c, kl_clamp, entropy_coef, guide_nll_coef) must be Python
       numbers under jit, like beta: 0 removes the term from the program.
 
@@ -411,7 +435,7 @@ def policy_loss(
         chex.assert_equal_shape([logprobs, guided_mask])
     if entropy_coef and entropy is None:
         raise ValueError(f"entropy_coef={entropy_coef} needs the per-token entropy; got entropy=None")
-    for name, array in (("entropy", entropy), ("policy_mask", policy_mask)):
+    for name, array in (("entropy", entropy), ("policy_mask", policy_mask), ("tis_weights", tis_weights)):
         if array is not None:
             chex.assert_equal_shape([logprobs, array])
     skip_kl = isinstance(beta, (int, float)) and beta == 0
@@ -449,6 +473,11 @@ def policy_loss(
     if loss_type == "sft":
         # The supervised baseline: the completion's negative log-likelihood; no ratio, no advantage.
         per_token_loss, ratio_tokens = -logprobs, jnp.zeros_like(ratio_tokens)
+    if tis_weights is not None:
+        # A constant per token (no gradient). 1 off the loss tokens: padding may hold anything, and
+        # an inf there would turn the zero gradient of a masked token into a NaN.
+        weights = jnp.where(is_loss_token, jax.lax.stop_gradient(_float(tis_weights)), 1.0)
+        per_token_loss = per_token_loss * weights
     if policy_mask is not None:
         per_token_loss = jnp.where(_float(policy_mask) > 0, per_token_loss, 0.0)
     if entropy_coef:
@@ -539,21 +568,25 @@ def combine_metrics(per_micro_batch: dict[str, jax.Array]) -> dict[str, jax.Arra
     """Exact metrics of a whole batch from the `policy_loss` metrics of its micro-batches.
 
     `per_micro_batch` maps each key of METRIC_KEYS to an array [k] (one entry per micro-batch,
-    e.g. the stacked outputs of a `lax.scan`). Losses add up (each micro-batch must have been
-    given the global `normalizer=`); token and sequence means are re-weighted by their counts;
-    the advantage std is pooled exactly; lengths combine by min / max; counts add up.
+    e.g. the stacked outputs of a `lax.scan`), optionally with all of MISMATCH_KEYS and all of
+    TIS_KEYS (`mismatch_metrics`). Losses add up (each micro-batch must have been given the
+    global `normalizer=`); token, sequence and TIS-unit means are re-weighted by their counts;
+    the advantage std is pooled exactly; lengths combine by min / max, the largest drift by max;
+    counts add up. Raises ValueError naming missing and unexpected keys.
     """
-    missing = set(METRIC_KEYS) - set(per_micro_batch)
-    extra = set(per_micro_batch) - set(METRIC_KEYS)
+    given = set(per_micro_batch)
+    keys = METRIC_KEYS + sum((group for group in (MISMATCH_KEYS, TIS_KEYS) if given & set(group)), ())
+    missing, extra = set(keys) - given, given - set(keys)
     if missing or extra:
         raise ValueError(
-            f"per_micro_batch keys must be exactly METRIC_KEYS={METRIC_KEYS}; "
-            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            f"per_micro_batch keys must be exactly METRIC_KEYS={METRIC_KEYS}, optionally with all of "
+            f"MISMATCH_KEYS and all of TIS_KEYS; missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
     m = {key: jnp.asarray(value, jnp.float32) for key, value in per_micro_batch.items()}
     chex.assert_rank(list(m.values()), 1)
     chex.assert_equal_shape(list(m.values()))
-    counts = {key: m[key].sum() for key in _COUNTS}
+    count_keys = _COUNTS + tuple(key for key in ("mismatch/num_sampled_tokens", "mismatch/num_tis_units") if key in m)
+    counts = {key: m[key].sum() for key in count_keys}
 
     def reweighted(key, count_key):
         return _safe_divide((m[key] * m[count_key]).sum(), counts[count_key])
@@ -572,7 +605,145 @@ def combine_metrics(per_micro_batch: dict[str, jax.Array]) -> dict[str, jax.Arra
         counts["num_sequences"] > 0, jnp.where(present, m["completion_length/min"], jnp.inf).min(), 0.0
     )
     out["completion_length/max"] = jnp.where(present, m["completion_length/max"], 0.0).max()
-    return {key: out[key] for key in METRIC_KEYS}
+    if "mismatch/num_sampled_tokens" in m:
+        out.update({key: reweighted(key, "mismatch/num_sampled_tokens") for key in _SAMPLED_TOKEN_MEANS})
+        out["mismatch/logprob_max_abs_diff"] = m["mismatch/logprob_max_abs_diff"].max()  # each >= 0
+    if "mismatch/num_tis_units" in m:
+        out.update({key: reweighted(key, "mismatch/num_tis_units") for key in _TIS_UNIT_MEANS})
+    return {key: out[key] for key in keys}
+
+
+# ----------------------------------------------------------------------------- sampler/trainer mismatch
+
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def _check_tis_options(level: str, cap) -> None:
+    _check_option("level", level, IMPORTANCE_LEVELS)
+    if not 0 < cap <= _F32_MAX:
+        raise ValueError(f"cap={cap!r} is not valid; expected a number > 0 (at most float32's max, {_F32_MAX:.4g})")
+
+
+def _sampled_tokens(mask: jax.Array, guided_mask: Optional[jax.Array]) -> jax.Array:
+    """bool [B, T]: the completion tokens the sampler drew (not forced guide tokens, not padding)."""
+    return _token_masks(mask, guided_mask, "mask")[0] > 0
+
+
+def _log_drift(old_logprobs: jax.Array, sampler_logprobs: jax.Array, sampled: jax.Array) -> jax.Array:
+    """float32 [B, T], no gradient: log π_old - log π_sampler on sampled tokens, 0 elsewhere (where
+    padding's arbitrary values and the guide tokens' sampler entries never reach a sum)."""
+    old = jax.lax.stop_gradient(_float(old_logprobs))
+    sampler = jax.lax.stop_gradient(_float(sampler_logprobs))
+    return jnp.where(sampled, old - sampler, 0.0)
+
+
+def truncated_importance_weights(
+    old_logprobs: jax.Array,
+    sampler_logprobs: jax.Array,
+    mask: jax.Array,
+    guided_mask: Optional[jax.Array] = None,
+    *,
+    level: str = "token",
+    cap: float = 2.0,
+) -> jax.Array:
+    """Truncated importance sampling (TIS) weights, float32 [B, T], no gradient.
+
+    Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"
+    (fengyao.notion.site/off-policy-rl): rollouts drawn by a sampler whose numerics differ from
+    the trainer's are reweighted towards the trainer's old policy, the ratio truncated at C. With
+    s the sampled completion tokens (mask 1, guided_mask 0) and d_t = old_t - sampler_t (natural
+    log-probs, so d_t is a log ratio):
+      level="token"     w_t = min(exp(d_t), C) for t in s;
+      level="sequence"  w = min(exp(Σ_{t in s} d_t), C) on every token of the row;
+    and w = 1 on forced guide tokens (the sampler did not draw them) and padding; a row without
+    sampled tokens has w = 1 throughout. Only the policy term is weighted (`policy_loss`'s
+    `tis_weights`).
+
+    Args:
+      old_logprobs: [B, T] the trainer's log-probs of the completion tokens under the policy
+        before the update (with μ = 1, stop_gradient of the current ones).
+      sampler_logprobs: [B, T] the sampler's log-probs of the same tokens (any value on guide
+        tokens and padding).
+      mask, guided_mask: [B, T] as in `policy_loss` (guided_mask None = no guide tokens).
+      level: "token" or "sequence".
+      cap: C > 0, at most float32's max. A weight that reaches C is exactly C.
+
+    Raises ValueError for a bad level or cap.
+    """
+    _check_tis_options(level, cap)
+    chex.assert_rank(mask, 2)
+    chex.assert_equal_shape([old_logprobs, sampler_logprobs, mask])
+    if guided_mask is not None:
+        chex.assert_equal_shape([mask, guided_mask])
+    sampled = _sampled_tokens(mask, guided_mask)
+    log_weight = _log_drift(old_logprobs, sampler_logprobs, sampled)  # [B, T]
+    if level == "sequence":
+        log_weight = jnp.broadcast_to(log_weight.sum(axis=1, keepdims=True), log_weight.shape)
+    # exp increases, so min(exp(x), C) = min(exp(min(x, m)), C) for every m >= log C: the clamp
+    # changes no weight. It bounds exp's argument by log C + 1 (89.7 at float32's max C, where exp
+    # may give inf, which the min turns back into C), so a huge gap (a token the sampler found
+    # nearly impossible, or a long row's sum) cannot overflow into inf or NaN; exp of a very
+    # negative x underflows to 0, the right limit. The margin of 1 makes exp(m) = e·C well above
+    # C despite float32 rounding of log C, so a truncated weight is exactly C.
+    exponent = jnp.minimum(log_weight, math.log(cap) + 1.0)
+    return jnp.where(sampled, jnp.minimum(jnp.exp(exponent), cap), 1.0)
+
+
+def mismatch_metrics(
+    old_logprobs: jax.Array,
+    sampler_logprobs: jax.Array,
+    mask: jax.Array,
+    guided_mask: Optional[jax.Array] = None,
+    *,
+    tis_weights: Optional[jax.Array] = None,
+    tis_level: str = "token",
+    tis_cap: float = 2.0,
+) -> dict[str, jax.Array]:
+    """Sampler/trainer drift over the sampled completion tokens s (as in
+    `truncated_importance_weights`; arrays [B, T], log-probs in nats), float32 scalars:
+
+      mismatch/logprob_abs_diff      mean over s of |old - sampler|;
+      mismatch/logprob_max_abs_diff  max over s of |old - sampler| (0 without sampled tokens);
+      mismatch/k1                    mean over s of sampler - old: the k1 estimate of
+                                     KL(sampler || trainer), the tokens being the sampler's draws;
+      mismatch/num_sampled_tokens    |s|, the count behind the means;
+    and, when `tis_weights` (from `truncated_importance_weights` with this level and cap) is given,
+    over the TIS units (the tokens of s at level "token", the rows with a sampled token at level
+    "sequence", each counted once):
+      mismatch/tis_weight_mean       mean weight of a unit;
+      mismatch/tis_clipped_fraction  the share of units whose weight reached the cap;
+      mismatch/num_tis_units         their count.
+    Means of an empty set are 0. `combine_metrics` merges micro-batches exactly. A batch without
+    sampler log-probs (`make_batch`'s zeros) compares the trainer with log-prob 0: abs_diff is
+    then the trainer's mean NLL, meaningless as a drift.
+    """
+    chex.assert_equal_shape([old_logprobs, sampler_logprobs, mask])
+    sampled = _sampled_tokens(mask, guided_mask)
+    drift = _log_drift(old_logprobs, sampler_logprobs, sampled)  # [B, T], 0 off s
+    num_sampled = sampled.sum().astype(jnp.float32)
+    metrics = {
+        "mismatch/logprob_abs_diff": _safe_divide(jnp.abs(drift).sum(), num_sampled),
+        "mismatch/k1": _safe_divide(-drift.sum(), num_sampled),
+        "mismatch/logprob_max_abs_diff": jnp.abs(drift).max(),
+        "mismatch/num_sampled_tokens": num_sampled,
+    }
+    if tis_weights is None:
+        return metrics
+    _check_tis_options(tis_level, tis_cap)
+    chex.assert_equal_shape([tis_weights, mask])
+    weights = jnp.where(sampled, jax.lax.stop_gradient(_float(tis_weights)), 0.0)  # [B, T]
+    if tis_level == "sequence":  # one weight per row: the same on each of its sampled tokens
+        units, unit_weights = sampled.any(axis=1), weights.max(axis=1)  # [B] each
+    else:
+        units, unit_weights = sampled, weights
+    num_units = units.sum().astype(jnp.float32)
+    metrics.update({
+        "mismatch/tis_weight_mean": _safe_divide(jnp.where(units, unit_weights, 0.0).sum(), num_units),
+        "mismatch/tis_clipped_fraction": _safe_divide((units & (unit_weights >= tis_cap)).sum(), num_units),
+        "mismatch/num_tis_units": num_units,
+    })
+    return metrics
 
 
 # ----------------------------------------------------------------------------- entropy

@@ -6,6 +6,9 @@ completion; the model continues from there. This module holds
 * the guidance-length schedule: `GuidanceState` (a pytree of arrays that lives in the train state),
   `init`, `update` (jittable, called once per optimizer step with the step's reward) and `length`
   (the integer ℓ used for the next rollouts);
+* with `guidance.per_problem`, one such schedule per training problem beside the global one:
+  `update_problems` (each group's problem, from that group's mean reward) and `row_lengths`
+  (the ℓ of each listed problem);
 * the choice of guided rollouts inside each group (`assign_guided`) and their prefixes
   (`guides_for_rollouts`);
 * per-step logging scalars (`guidance_metrics`).
@@ -21,11 +24,11 @@ compounds integer truncation; `length` rounds it to the nearest integer (ties to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,6 +58,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     * update_every 3: the official cycle length (used by `ratio` only).
     * total_steps 1000: horizon of the `linear_decay` baseline; set it to the run's step count.
     * reward_source "accuracy": the official code drives ℓ with the accuracy reward only.
+    * per_problem False: one global ℓ, as in the paper.
     """
     cfg = ml_collections.ConfigDict()
     cfg.mode = "adaptive"
@@ -67,12 +71,21 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.update_every = 3
     cfg.total_steps = 1000
     cfg.reward_source = "accuracy"
+    # True: every training problem keeps its own ℓ and reward history, moved by the same rule from
+    # the mean reward of that problem's group whenever it is in a batch (the global ℓ still
+    # updates, as a logging summary). Needs the problem count: `init(gcfg, num_problems)`.
+    cfg.per_problem = False
+    # Where and when guides go and what ℓ counts (g2rpo_jax/rollout.py says each in full):
+    cfg.placement = "completion"  # completion (G²RPO-A) | prompt (a hint, never a training target)
+    cfg.trigger = "always"  # always: α of every group | all_fail: only groups whose unguided rollouts all fail
+    cfg.length_unit = "tokens"  # tokens | percent (of the trajectory) | steps (split on step_delimiter)
+    cfg.step_delimiter = "\n\n"  # what ends a reasoning step, for length_unit='steps'
     return cfg
 
 
 _REQUIRED_KEYS = (
     "mode", "alpha", "window", "delta", "initial_length", "min_length", "max_length",
-    "update_every", "total_steps", "reward_source",
+    "update_every", "total_steps", "reward_source", "per_problem",
 )
 
 
@@ -123,20 +136,60 @@ def validate(gcfg: ml_collections.ConfigDict) -> None:
     if not _is_int(gcfg.total_steps) or gcfg.total_steps < 1:
         raise ValueError(
             f"guidance.total_steps={gcfg.total_steps!r} is not valid; valid: an integer >= 1")
+    if not isinstance(gcfg.per_problem, (bool, np.bool_)):
+        raise ValueError(
+            f"guidance.per_problem={gcfg.per_problem!r} is not valid; valid: True (one ℓ per "
+            f"training problem) or False (one global ℓ)")
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class GuidanceState:
     """Schedule state; arrays only, so it jits, scans, shards and checkpoints like any pytree.
 
     current_length: float32 []   ℓ before rounding.
     step:           int32 []     number of `update` calls so far (k after the k-th call).
     recent_rewards: float32 [R]  ring buffer of rewards; R is `reward_buffer_size(gcfg)`.
+    per_problem:    None, or with `guidance.per_problem` a GuidanceState of P schedules, one per
+                    training problem: current_length float32 [P], step int32 [P] (updates of
+                    that problem so far), recent_rewards float32 [P, R], per_problem None.
+
+    Registered by hand rather than as a flax struct: a None field would still be a node of the
+    tree, and orbax records it (a `per_problem: None` entry in the checkpoint's metadata, which
+    checkpoints written before the field existed lack, so they would no longer restore). Here a
+    None `per_problem` is no child at all: without the option the tree's keyed leaves, and so
+    the checkpoints, are exactly the three arrays above, as before the option existed.
     """
 
     current_length: jax.Array
     step: jax.Array
     recent_rewards: jax.Array
+    per_problem: Optional["GuidanceState"] = None
+
+    def replace(self, **updates) -> "GuidanceState":
+        """A copy with the given fields replaced (as flax structs do)."""
+        return dataclasses.replace(self, **updates)
+
+
+_ARRAY_FIELDS = ("current_length", "step", "recent_rewards")
+
+
+def _flatten_with_keys(state: GuidanceState):
+    # The aux data (whether per_problem is present) keeps the two layouts distinct tree types.
+    has_table = state.per_problem is not None
+    names = _ARRAY_FIELDS + (("per_problem",) if has_table else ())
+    return tuple((jax.tree_util.GetAttrKey(name), getattr(state, name)) for name in names), has_table
+
+
+def _flatten(state: GuidanceState):
+    children, has_table = _flatten_with_keys(state)
+    return tuple(child for _, child in children), has_table
+
+
+def _unflatten(has_table: bool, children) -> GuidanceState:
+    return GuidanceState(*children)
+
+
+jax.tree_util.register_pytree_with_keys(GuidanceState, _flatten_with_keys, _unflatten, _flatten)
 
 
 def reward_buffer_size(gcfg: ml_collections.ConfigDict) -> int:
@@ -149,15 +202,29 @@ def reward_buffer_size(gcfg: ml_collections.ConfigDict) -> int:
     return 1
 
 
-def init(gcfg: ml_collections.ConfigDict) -> GuidanceState:
-    """State before the first step: ℓ = 0 for `none`, otherwise `initial_length`."""
+def init(gcfg: ml_collections.ConfigDict, num_problems: Optional[int] = None) -> GuidanceState:
+    """State before the first step: ℓ = 0 for `none`, otherwise `initial_length`.
+
+    With `guidance.per_problem`, `num_problems` (P, the number of training problems, >= 1) is
+    required and `per_problem` holds P copies of the global initial state; without it,
+    `num_problems` is ignored (so a caller may always pass it). Raises ValueError otherwise.
+    """
     validate(gcfg)
     start = 0.0 if gcfg.mode == "none" else float(gcfg.initial_length)
-    return GuidanceState(
+    state = GuidanceState(
         current_length=jnp.asarray(start, dtype=jnp.float32),
         step=jnp.asarray(0, dtype=jnp.int32),
         recent_rewards=jnp.zeros((reward_buffer_size(gcfg),), dtype=jnp.float32),
     )
+    if not gcfg.per_problem:
+        return state
+    if num_problems is None or not _is_int(num_problems) or num_problems < 1:
+        raise ValueError(
+            f"guidance.per_problem=True needs num_problems, the number of training problems (an "
+            f"integer >= 1), got num_problems={num_problems!r}; pass it to init / "
+            f"train_state.create / abstract_state / make_train_step, or set guidance.per_problem=False")
+    copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (int(num_problems), *x.shape)), state)
+    return state.replace(per_problem=copies)
 
 
 def length(state: GuidanceState) -> jax.Array:
@@ -255,7 +322,96 @@ def update(state: GuidanceState, reward: jax.Array, gcfg: ml_collections.ConfigD
         current_length=new_state.current_length.astype(jnp.float32),
         step=new_state.step.astype(jnp.int32),
         recent_rewards=new_state.recent_rewards.astype(jnp.float32),
+        per_problem=state.per_problem,  # the global rule leaves the per-problem schedules alone
     )
+
+
+def _problem_table(state: GuidanceState, caller: str) -> GuidanceState:
+    """`state.per_problem`, or a ValueError saying how to build a state that has it."""
+    if state.per_problem is None:
+        raise ValueError(
+            f"{caller} needs per-problem guidance state, but this state has none; set "
+            f"guidance.per_problem=True and build the state with init(gcfg, num_problems)")
+    return state.per_problem
+
+
+def _problem_ids(problem_ids, num_problems: int) -> jax.Array:
+    """int32 [num_groups]; concrete ids outside [0, P) raise (traced ones cannot, see callers)."""
+    ids = jnp.asarray(problem_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"problem_ids must be integers of shape [num_groups], got {ids.dtype} {ids.shape}")
+    if not isinstance(ids, jax.core.Tracer) and ids.size:
+        low, high = int(jnp.min(ids)), int(jnp.max(ids))
+        if low < 0 or high >= num_problems:
+            raise ValueError(
+                f"problem_ids must lie in [0, {num_problems}) (the number of training problems the "
+                f"state was built for), got ids from {low} to {high}")
+    return ids.astype(jnp.int32)
+
+
+def update_problems(
+    state: GuidanceState, problem_ids, group_rewards, gcfg: ml_collections.ConfigDict
+) -> GuidanceState:
+    """Per-problem schedule step: `update`'s rule (every mode) applied to the listed problems.
+
+    problem_ids:   int [num_groups], the problem (row of `state.per_problem`) of each group.
+    group_rewards: float32 [num_groups], that group's mean reward (see `group_rewards`).
+
+    Groups are applied one after another, in order, with `lax.scan`: a problem listed twice is
+    updated twice, first with its first group's reward, so the result is deterministic. Unlisted
+    problems and the global fields are unchanged. Jittable with `gcfg` static (as `update`).
+    Each problem's step count is its own number of updates, so `ratio` cycles and `linear_decay`
+    run on the problem's own updates, not on train steps.
+    Raises ValueError for a state without per-problem arrays, mismatched shapes, or concrete ids
+    outside [0, P); under jit ids cannot be checked, and one outside [0, P) changes nothing.
+    """
+    table = _problem_table(state, "update_problems")
+    num_problems = table.current_length.shape[0]
+    ids = _problem_ids(problem_ids, num_problems)
+    rewards = jnp.asarray(group_rewards, dtype=jnp.float32)
+    if rewards.shape != ids.shape:
+        raise ValueError(
+            f"group_rewards has shape {rewards.shape}, problem_ids {ids.shape}; both must be "
+            f"[num_groups], one reward per listed group")
+
+    def one_group(table, id_and_reward):
+        problem, reward = id_and_reward
+        inside = (problem >= 0) & (problem < num_problems)
+        row = jnp.clip(problem, 0, num_problems - 1)
+        old = jax.tree.map(lambda x: x[row], table)
+        new = update(old, reward, gcfg)
+        new = jax.tree.map(lambda n, o: jnp.where(inside, n, o), new, old)
+        return jax.tree.map(lambda t, n: t.at[row].set(n), table, new), None
+
+    table, _ = jax.lax.scan(one_group, table, (ids, rewards))
+    return state.replace(per_problem=table)
+
+
+def row_lengths(state: GuidanceState, problem_ids) -> jax.Array:
+    """int32 [num_groups]: the ℓ to use for each listed problem's next rollouts.
+
+    With per-problem state, each problem's own ℓ rounded as `length` rounds; without it, the
+    global `length(state)` for every entry. Jittable; on the host, ids outside [0, P) raise
+    ValueError (under jit they cannot be checked and read as 0).
+    """
+    if state.per_problem is None:
+        ids = jnp.asarray(problem_ids)
+        return jnp.broadcast_to(length(state), ids.shape)
+    num_problems = state.per_problem.current_length.shape[0]
+    ids = _problem_ids(problem_ids, num_problems)
+    return jnp.take(length(state.per_problem), ids, mode="fill", fill_value=0)
+
+
+def group_rewards(accuracy_rewards: jax.Array, total_rewards: jax.Array, reward_source: str,
+                  group_size: int) -> jax.Array:
+    """Each group's mean of the chosen reward (as `step_reward`, per group): float32 [B / G]
+    from [B] rewards whose groups are G adjacent rows."""
+    if reward_source not in REWARD_SOURCES:
+        raise ValueError(f"reward_source={reward_source!r} is not valid; valid: {REWARD_SOURCES}")
+    chosen = jnp.asarray(accuracy_rewards if reward_source == "accuracy" else total_rewards, jnp.float32)
+    if chosen.ndim != 1 or chosen.shape[0] % group_size:
+        raise ValueError(f"rewards of shape {chosen.shape} cannot be cut into groups of {group_size}")
+    return jnp.mean(chosen.reshape(-1, group_size), axis=1)
 
 
 def step_reward(accuracy_rewards: jax.Array, total_rewards: jax.Array, reward_source: str) -> jax.Array:

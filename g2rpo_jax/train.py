@@ -3,8 +3,10 @@
     python -m g2rpo_jax.train --config=experiments/configs/g2rpo.py:demo [--config.<key>=<value> ...]
 
 One step: a batch of prompts -> G rollouts each, a fraction α of every group carrying the first ℓ
-tokens of its problem's reference trajectory -> sampling -> rewards on the host -> the jitted train
-step (advantages, loss, update, guidance-schedule update) -> metrics -> checkpoint. The SFT baseline
+tokens of its problem's reference trajectory -> sampling -> rewards on the host (`rollout.py`, which
+also holds the guided-RL options: hint placement, the all-fail trigger, length units, dynamic
+sampling) -> the jitted train step (advantages, loss, update, guidance-schedule update) -> metrics
+-> checkpoint. The SFT baseline
 (`step.loss_type='sft'`, the `sft` config variant) replaces rollouts and rewards with each prompt's
 reference trajectory and trains on its negative log-likelihood.
 
@@ -35,6 +37,7 @@ before any work and saves nothing. A step with a non-finite loss or gradient is 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,7 +51,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from g2rpo_jax import data, guidance, models, optim, rewards, sampling
+from g2rpo_jax import data, guidance, models, optim, rewards, rollout, sampling
 from g2rpo_jax import eval as evaluation
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax import train_state as train_state_lib
@@ -79,62 +82,7 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
     return model_cfg.checkpoint
 
 
-# ----------------------------------------------------------------------------- rollouts
-
-
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int, left: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Int32 tokens padded to [N, width] (on the left for prompts, the right for completions) and
-    their 0/1 mask."""
-    tokens = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        columns = slice(width - len(row), width) if left else slice(0, len(row))
-        tokens[i, columns] = row
-        mask[i, columns] = 1
-    return tokens, mask
-
-
-def guides_for_batch(prepared: data.PreparedPrompts, rows: Sequence[int], guided: np.ndarray, length: int,
-                     group_size: int, max_new_tokens: int) -> list[list[int]]:
-    """Guide ids per rollout: the first ℓ trajectory ids of its problem (capped by the budget)."""
-    trajectories = [list(prepared.trajectory_ids[r]) if prepared.trajectory_ids else [] for r in rows]
-    per_rollout = [t for t in trajectories for _ in range(group_size)]
-    return guidance.guides_for_rollouts(per_rollout, guided, min(length, max_new_tokens))
-
-
-def collect_rollouts(cfg, model_cfg, params, tokenizer, prepared, rows, guided, length, key, mesh, reward_scorer):
-    """Samples and scores G rollouts per prompt. Returns (RolloutBatch, host info for logging)."""
-    group_size = cfg.step.group_size
-    max_new = cfg.sampling.max_new_tokens
-    prompts = [list(prepared.prompt_ids[r]) for r in rows for _ in range(group_size)]
-    examples = [prepared.examples[r] for r in rows for _ in range(group_size)]
-    guides = guides_for_batch(prepared, rows, guided, length, group_size, max_new)
-    pad_id = data.pad_token_id(tokenizer)
-
-    start = time.perf_counter()
-    out = sampling.sample(
-        model_cfg, params, prompts, guides, max_new_tokens=max_new, temperature=cfg.step.temperature,
-        top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, eos_ids=data.stop_token_ids(tokenizer),
-        rng=key, pad_id=pad_id, mesh=mesh, score_guides=False,  # the train step recomputes log-probs
-    )
-    sample_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    # Rewards see the whole completion, guide included (as in the official code).
-    texts = tokenizer.batch_decode([out.tokens[i, : out.lengths[i]] for i in range(len(prompts))],
-                                   skip_special_tokens=True)
-    total, per_kind, stats = reward_scorer(texts, examples)
-    reward_s = time.perf_counter() - start
-
-    width = sampling.bucket_length(max(len(p) for p in prompts))
-    prompt_tokens, prompt_mask = pad_rows(prompts, width, pad_id)
-    batch = train_step_lib.make_batch(
-        prompt_tokens, prompt_mask, out.tokens, out.mask, total,
-        accuracy=per_kind["accuracy"], guided_mask=out.guided_mask, old_logprobs=out.logprobs,
-    )
-    info = dict(texts=texts, per_kind=per_kind, stats=stats, sample_s=sample_s, reward_s=reward_s,
-                lengths=out.lengths)
-    return batch, info
+# ----------------------------------------------------------------------------- the SFT baseline's batch
 
 
 def reference_batch(cfg, prepared, rows, tokenizer):
@@ -146,8 +94,8 @@ def reference_batch(cfg, prepared, rows, tokenizer):
     prompts = [list(prepared.prompt_ids[r]) for r in rows]
     completions = [list(prepared.trajectory_ids[r])[:max_new] for r in rows]
     completions = [c + [stop_id] if len(c) < max_new else c for c in completions]
-    completion_tokens, completion_mask = pad_rows(completions, max_new, pad_id, left=False)
-    prompt_tokens, prompt_mask = pad_rows(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
+    completion_tokens, completion_mask = rollout.pad_rows(completions, max_new, pad_id, left=False)
+    prompt_tokens, prompt_mask = rollout.pad_rows(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
     batch = train_step_lib.make_batch(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
                                       np.zeros(len(rows), np.float32))
     info = dict(per_kind={}, stats={}, sample_s=0.0, reward_s=0.0, lengths=completion_mask.sum(axis=1))
@@ -170,6 +118,7 @@ def step_metrics(step, state_metrics, batch, info, elapsed) -> dict:
         "time/sample_s": info["sample_s"],
         "time/reward_s": info["reward_s"],
         "time/step_s": elapsed,
+        **info.get("metrics", {}),
     })
     return metrics
 
@@ -203,11 +152,13 @@ def console_line(m: dict) -> str:
 # ending in '.' covers a whole section. Everything else (learning rate, total steps, sampling,
 # rewards, mesh, ...) may change and is logged.
 FIXED_ON_RESUME = (
-    "model.", "guidance.mode", "step.group_size", "data.source", "data.adapter", "data.split",
+    "model.", "guidance.mode", "guidance.per_problem", "guidance.length_unit", "step.group_size", "data.source", "data.adapter", "data.split",
     "data.limit", "data.seed", "data.shuffle", "data.curriculum_key", "data.curriculum_order",
     "data.batch_size",
 )
 _ABSENT = "<absent>"
+# Fixed keys added after runs that may still be resumed: absent in their configs means this value.
+_ADDED_FIXED_DEFAULTS = {"guidance.per_problem": False, "guidance.length_unit": "tokens"}
 
 
 def config_as_dict(cfg: ml_collections.ConfigDict) -> dict:
@@ -238,7 +189,8 @@ def fixed_changes(changes: dict[str, tuple[Any, Any]], guidance_mode: str) -> li
     in some settings: the size of the guidance mode's reward buffer (`guidance_mode`: the run's
     mode) and turning gradient clipping on or off both change the saved state's structure."""
     fixed = [key for key in changes
-             if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FIXED_ON_RESUME)]
+             if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FIXED_ON_RESUME)
+             and changes[key] != (_ABSENT, _ADDED_FIXED_DEFAULTS.get(key, _ABSENT))]
     for key, mode in (("guidance.window", "adaptive"), ("guidance.update_every", "ratio")):
         if key in changes and guidance_mode == mode:
             fixed.append(key)
@@ -331,10 +283,19 @@ def abstract_params(model_cfg, dtype):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
 
 
+def guide_lengths(guidance_state, gcfg: ml_collections.ConfigDict, rows) -> list[int]:
+    """ℓ for each prompt row: the problem's own with guidance.per_problem, else the global one."""
+    if gcfg.mode == "none":
+        return [0] * len(rows)
+    lengths = guidance.row_lengths(guidance_state, np.asarray(rows, np.int32))
+    return [int(n) for n in jax.device_get(lengths)]
+
+
 def validate_config(cfg: ml_collections.ConfigDict, mesh) -> None:
     """Every check that needs no data and no model, so a mistake stops the run before any work."""
     train_step_lib.validate_config(cfg.step)
     guidance.validate(cfg.guidance)
+    rollout.validate_options(cfg.guidance, cfg.sampling)
     optim.validate(cfg.optim)
     rewards.settings_from_config(cfg.rewards)
     train_step_lib.validate_layout(cfg.data.batch_size * cfg.step.group_size, cfg.step.group_size,
@@ -437,8 +398,14 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     log(f"mesh {sharding_lib.describe(mesh)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     checkpoint = resolve_checkpoint(cfg.model, workdir)
     model_cfg = models.read_config(checkpoint, cfg.model.dtype)
+    tokenizer = models.load_tokenizer(checkpoint)
+    prepared = data.prepare_from_config(cfg.data, tokenizer)
+    log(f"data: {len(prepared)} prompts from {cfg.data.source} ({prepared.report})")
+    # With guidance.per_problem the state holds one schedule per training problem.
+    num_problems = len(prepared) if cfg.guidance.per_problem else None
     optimizer = optim.make_optimizer(cfg.optim)
-    abstract = train_state_lib.abstract_state(abstract_params(model_cfg, cfg.model.dtype), optimizer, cfg.guidance)
+    abstract = train_state_lib.abstract_state(abstract_params(model_cfg, cfg.model.dtype), optimizer, cfg.guidance,
+                                              num_problems=num_problems)
     shardings = train_state_lib.state_shardings(abstract, optimizer, mesh, models.param_logical_axes(model_cfg), rules)
     resumed = train_state_lib.restore_latest_intact(
         manager, abstract, shardings=shardings,
@@ -447,7 +414,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     if resumed is None:
         _, params = models.load_hf(checkpoint, dtype=cfg.model.dtype, mesh=mesh, rules=rules)
         state = train_state_lib.shard_state(
-            train_state_lib.create(params, optimizer, cfg.guidance, jax.random.key(cfg.run.seed)), shardings)
+            train_state_lib.create(params, optimizer, cfg.guidance, jax.random.key(cfg.run.seed),
+                                   num_problems=num_problems), shardings)
         del params
     else:
         for step, path, error in resumed.damaged:
@@ -462,11 +430,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     ref_params = None
     if cfg.step.beta != 0:
         _, ref_params = models.load_hf(cfg.model.reference or checkpoint, dtype=cfg.model.dtype, mesh=mesh, rules=rules)
-    tokenizer = models.load_tokenizer(checkpoint)
-
-    prepared = data.prepare_from_config(cfg.data, tokenizer)
     iterator = data.iterator_from_config(cfg.data, prepared)
-    log(f"data: {len(prepared)} prompts from {cfg.data.source} ({prepared.report})")
     supervised = cfg.step.loss_type == "sft"
     if cfg.guidance.mode != "none" and not prepared.trajectory_ids:
         raise ValueError(f"guidance.mode={cfg.guidance.mode!r} needs reference trajectories, but the "
@@ -488,13 +452,17 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     if resumed is not None:
         log(f"resumed from step {start_step} in {workdir}")
 
-    step_fn = train_step_lib.make_train_step(model_cfg, cfg.step, cfg.guidance, optimizer, mesh, rules)
+    step_fn = train_step_lib.make_train_step(model_cfg, cfg.step, cfg.guidance, optimizer, mesh, rules,
+                                             num_problems=num_problems)
     reward_settings = rewards.settings_from_config(cfg.rewards)
     pool = rewards.RewardPool(reward_settings.num_workers) if reward_settings.num_workers else None
     log(f"reward sandbox: {rewards.sandbox_protections()}")
 
     def reward_scorer(texts, examples):
         return rewards.score_batch(texts, examples, pool=pool, settings=reward_settings)
+
+    collector = rollout.RolloutCollector(cfg, model_cfg, tokenizer, prepared, reward_scorer, mesh)
+    pad_id = data.pad_token_id(tokenizer)
 
     eval_tasks = []
     if cfg.run.eval_every:
@@ -522,17 +490,15 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
                     start = time.perf_counter()
                     step = completed
                     rows = next(iterator)
-                    position_after_batch = iterator.get_state()
                     key = jax.random.fold_in(jax.random.key(cfg.run.seed), step)
-                    assign_key, sample_key = jax.random.split(key)
-                    length = int(guidance.length(state.guidance)) if cfg.guidance.mode != "none" else 0
-                    guided = np.asarray(guidance.assign_guided(
-                        assign_key, len(rows), cfg.step.group_size, cfg.guidance.alpha if length else 0.0))
                     if supervised:
                         batch, info = reference_batch(cfg, prepared, rows, tokenizer)
                     else:
-                        batch, info = collect_rollouts(cfg, model_cfg, state.params, tokenizer, prepared, rows,
-                                                       guided, length, sample_key, mesh, reward_scorer)
+                        lengths_of = functools.partial(guide_lengths, state.guidance, cfg.guidance)
+                        rollouts, info = collector.collect(state.params, rows, lengths_of, key,
+                                                           lambda: next(iterator))
+                        batch = rollout.to_batch(rollouts, pad_id)
+                    position_after_batch = iterator.get_state()  # after any refill draws
                     state, state_metrics = step_fn(state, ref_params, batch)
                     state_metrics = jax.device_get(state_metrics)  # waits for the step, so its time is counted
                     # From here `state` is step + 1: the host state follows it at once.

@@ -63,21 +63,25 @@ def _raw_key(rng: jax.Array) -> jax.Array:
     return rng
 
 
-def create(params, optimizer: optax.GradientTransformation, gcfg: ml_collections.ConfigDict, rng) -> TrainState:
-    """A fresh state at step 0: optimizer state from `params`, guidance from `guidance.init(gcfg)`."""
+def create(params, optimizer: optax.GradientTransformation, gcfg: ml_collections.ConfigDict, rng,
+           num_problems: Optional[int] = None) -> TrainState:
+    """A fresh state at step 0: optimizer state from `params`, guidance from
+    `guidance.init(gcfg, num_problems)` (num_problems, the number of training problems, is
+    required with guidance.per_problem=True and ignored otherwise)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        guidance=guidance_lib.init(gcfg),
+        guidance=guidance_lib.init(gcfg, num_problems),
         rng=_raw_key(rng),
     )
 
 
-def abstract_state(params, optimizer: optax.GradientTransformation, gcfg: ml_collections.ConfigDict) -> TrainState:
+def abstract_state(params, optimizer: optax.GradientTransformation, gcfg: ml_collections.ConfigDict,
+                   num_problems: Optional[int] = None) -> TrainState:
     """The state's shapes and dtypes (ShapeDtypeStructs) for params given as arrays or shapes;
-    nothing is allocated."""
-    return jax.eval_shape(lambda p: create(p, optimizer, gcfg, jax.random.PRNGKey(0)), params)
+    nothing is allocated. `num_problems` as in `create`."""
+    return jax.eval_shape(lambda p: create(p, optimizer, gcfg, jax.random.PRNGKey(0), num_problems), params)
 
 
 def state_shardings(
@@ -91,7 +95,8 @@ def state_shardings(
 
     Params follow the logical-axis rules; every copy of the parameter tree inside the optimizer
     state (Adam's moments) is sharded like the params; everything else (counts, the learning rate,
-    guidance, step, rng) is replicated.
+    guidance with its per-problem arrays, step, rng) is replicated (the per-problem arrays are
+    small, [P] and [P, R], and every step reads arbitrary rows of them).
     """
     param_shardings = sharding_lib.tree_shardings(param_logical_specs, abstract.params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())

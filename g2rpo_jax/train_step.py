@@ -7,7 +7,12 @@ Inside one step:
   3. μ optimizer updates, each accumulating gradients over micro-batches with `lax.scan`; every
      micro-batch loss is divided by the normaliser of the whole batch, so the summed gradient is
      exactly the full-batch gradient;
-  4. the guidance-schedule update from the step's mean reward, and metrics.
+  4. the guidance-schedule update from the step's mean reward (with guidance.per_problem, also
+     each group's problem's schedule from the group's mean reward), and metrics.
+
+When the sampler ran in other numerics than the step (`sampling.dtype`), the batch's sampler
+log-probs differ from the step's own: the drift is logged (`mismatch/*`) and `step.tis` corrects
+the policy term with truncated importance weights (`grpo.truncated_importance_weights`).
 
 An update whose loss or gradient is not finite is skipped: params and optimizer state stay as
 they were (so the learning-rate schedule does not advance either), the guidance schedule keeps
@@ -56,10 +61,15 @@ class RolloutBatch:
     guided_mask: jax.Array  # [B, L], 1 on forced guide tokens
     rewards: jax.Array  # float32 [B], total reward: drives the advantages
     accuracy: jax.Array  # float32 [B], accuracy reward: may drive the guidance schedule
-    # float32 [B, L]: the sampler's log-probs, for the loop's diagnostics (zeros when not kept).
-    # The step recomputes old log-probs with the training numerics (as TRL does), so numeric
-    # differences between sampler and trainer never enter the importance ratio.
+    # float32 [B, L]: the sampler's log-probs (zeros when not kept). The step recomputes the old
+    # policy's log-probs with the training numerics (as TRL does) for the PPO ratio; against these
+    # it logs the sampler/trainer drift (`mismatch/*`) and, with step.tis, weights the policy term.
     old_logprobs: jax.Array
+    # int32 [B]: 1 when the rollout carried a guide, in its completion or (as a hint) in its prompt.
+    guided: jax.Array
+    # int32 [B]: the training problem (its row index in the data) of each rollout; the same for
+    # the G rollouts of a group. Drives the per-problem guidance schedule (guidance.per_problem).
+    problem_ids: jax.Array
 
     @property
     def batch_size(self) -> int:
@@ -76,34 +86,45 @@ def make_batch(
     accuracy=None,
     guided_mask=None,
     old_logprobs=None,
+    guided=None,
+    problem_ids=None,
 ) -> RolloutBatch:
     """A host-side (numpy) RolloutBatch with canonical dtypes; missing optional fields are zeros
-    (accuracy defaults to the rewards)."""
+    (accuracy defaults to the rewards, `guided` to the rows with guide tokens; problem_ids, int
+    [B], to zeros)."""
     completion_tokens = np.asarray(completion_tokens, np.int32)
     rewards = np.asarray(rewards, np.float32)
+    guided_mask = (np.zeros(completion_tokens.shape, np.int32) if guided_mask is None
+                   else np.asarray(guided_mask, np.int32))
     return RolloutBatch(
         prompt_tokens=np.asarray(prompt_tokens, np.int32),
         prompt_mask=np.asarray(prompt_mask, np.int32),
         completion_tokens=completion_tokens,
         completion_mask=np.asarray(completion_mask, np.int32),
-        guided_mask=np.zeros(completion_tokens.shape, np.int32) if guided_mask is None
-        else np.asarray(guided_mask, np.int32),
+        guided_mask=guided_mask,
         rewards=rewards,
         accuracy=rewards.copy() if accuracy is None else np.asarray(accuracy, np.float32),
         old_logprobs=np.zeros(completion_tokens.shape, np.float32) if old_logprobs is None
         else np.asarray(old_logprobs, np.float32),
+        problem_ids=np.zeros(rewards.shape, np.int32) if problem_ids is None
+        else np.asarray(problem_ids, np.int32),
+        guided=(guided_mask.any(axis=1) if guided is None else np.asarray(guided)).astype(np.int32),
     )
 
 
 def _check_batch(batch: RolloutBatch) -> None:
     chex.assert_rank(
         [batch.prompt_tokens, batch.prompt_mask, batch.completion_tokens, batch.completion_mask,
-         batch.guided_mask, batch.rewards, batch.accuracy, batch.old_logprobs],
-        [2, 2, 2, 2, 2, 1, 1, 2],
+         batch.guided_mask, batch.rewards, batch.accuracy, batch.old_logprobs, batch.guided],
+        [2, 2, 2, 2, 2, 1, 1, 2, 1],
     )
     chex.assert_equal_shape([batch.prompt_tokens, batch.prompt_mask])
     chex.assert_equal_shape([batch.completion_tokens, batch.completion_mask, batch.guided_mask, batch.old_logprobs])
-    chex.assert_equal_shape_prefix([batch.prompt_tokens, batch.completion_tokens, batch.rewards, batch.accuracy], 1)
+    chex.assert_equal_shape_prefix(
+        [batch.prompt_tokens, batch.completion_tokens, batch.rewards, batch.accuracy, batch.guided], 1)
+    chex.assert_rank(batch.problem_ids, 1)
+    chex.assert_type(batch.problem_ids, int)  # row indices: a float would index by truncation
+    chex.assert_equal_shape([batch.rewards, batch.problem_ids])
     if batch.prompt_tokens.shape[1] < 1:
         raise ValueError("prompt_tokens has width 0; every row needs at least one prompt token")
 
@@ -138,6 +159,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.entropy_top_fraction = 1.0  # in (0, 1): policy term only on the top fraction of loss tokens by entropy
     cfg.guide_nll_coef = 0.0  # > 0: UFT-style NLL of the forced guide tokens; 0 = off
     cfg.advantage_baseline = "group"  # group | guided_split (guided and unguided rollouts apart)
+    # Sampler/trainer mismatch (e.g. bf16 sampling, f32 training): truncated importance sampling
+    # of the policy term by the batch's sampler log-probs (grpo.truncated_importance_weights).
+    cfg.tis = "none"  # none | token | sequence: w = min(π_old / π_sampler, C) per token or per row
+    cfg.tis_cap = 2.0  # C > 0: the truncation bound of the TIS weights
     cfg.remat = False  # rematerialise decoder layers in the backward pass
     cfg.logprob_chunk_size = 128  # positions per chunk of the LM-head / log-softmax
     return cfg
@@ -152,6 +177,7 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
         "importance_level": grpo.IMPORTANCE_LEVELS,
         "scale_rewards": grpo.ADVANTAGE_SCALES,
         "advantage_baseline": grpo.ADVANTAGE_BASELINES,
+        "tis": grpo.TIS_LEVELS,
     }
     for key, valid in options.items():
         if step_cfg[key] not in valid:
@@ -170,6 +196,12 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
     if not (step_cfg.dual_clip_c == 0 or step_cfg.dual_clip_c > 1):
         raise ValueError(f"train_step.dual_clip_c={step_cfg.dual_clip_c!r} is not valid; "
                          "valid: 0 (off) or a number > 1")
+    if not 0 < step_cfg.tis_cap <= float(np.finfo(np.float32).max):
+        raise ValueError(f"train_step.tis_cap={step_cfg.tis_cap!r} is not valid; valid: a number > 0 "
+                         "(float32-representable)")
+    if step_cfg.tis != "none" and step_cfg.loss_type == "sft":
+        raise ValueError(f"train_step.tis={step_cfg.tis!r} is not valid with loss_type='sft'; valid: 'none' "
+                         "(the SFT baseline trains on reference trajectories: there is no sampler to correct for)")
     if not 0 < step_cfg.entropy_top_fraction <= 1:
         raise ValueError(f"train_step.entropy_top_fraction={step_cfg.entropy_top_fraction!r} is not valid; "
                          "valid: a number in (0, 1] (1 = every loss token)")
@@ -340,8 +372,41 @@ def loss_options(step_cfg: ml_collections.ConfigDict, completion_width: int) -> 
 def _batch_shardings(mesh: Mesh, rules) -> RolloutBatch:
     """Leading-axis sharding over the batch axes for each field (a RolloutBatch of shardings)."""
     ranks = dict(prompt_tokens=2, prompt_mask=2, completion_tokens=2, completion_mask=2, guided_mask=2,
-                 rewards=1, accuracy=1, old_logprobs=2)
+                 rewards=1, accuracy=1, old_logprobs=2, problem_ids=1, guided=1)
     return RolloutBatch(**{name: sharding_lib.batch_sharding(mesh, ndim, rules) for name, ndim in ranks.items()})
+
+
+def _next_guidance(guidance, batch: RolloutBatch, reward: jax.Array, gcfg, group_size: int,
+                   num_problems: Optional[int]):
+    """The guidance state after this step: the global rule from the step's reward r_k and, with
+    guidance.per_problem, each group's problem (its first row's id) from that group's mean reward
+    (the same reward_source), groups applied in batch order."""
+    new = guidance_lib.update(guidance, reward, gcfg)
+    if not gcfg.per_problem:
+        return new
+    table = guidance.per_problem
+    if table is not None and table.current_length.shape[0] != num_problems:
+        raise ValueError(
+            f"the state's guidance has {table.current_length.shape[0]} problems but the step was made "
+            f"with num_problems={num_problems}; build both with the same number of training problems")
+    per_group = guidance_lib.group_rewards(batch.accuracy, batch.rewards, gcfg.reward_source, group_size)
+    return guidance_lib.update_problems(new, batch.problem_ids[::group_size], per_group, gcfg)
+
+
+def _mean_length(guidance, batch: RolloutBatch, group_size: int) -> jax.Array:
+    """float32 []: the global ℓ, or with per-problem guidance the mean ℓ of the batch's groups."""
+    if guidance.per_problem is None:
+        return guidance_lib.length(guidance).astype(jnp.float32)
+    return jnp.mean(guidance_lib.row_lengths(guidance, batch.problem_ids[::group_size]).astype(jnp.float32))
+
+
+def _check_problem_count(num_problems: Optional[int], gcfg) -> None:
+    if gcfg.per_problem and (num_problems is None or isinstance(num_problems, bool)
+                             or not isinstance(num_problems, (int, np.integer)) or num_problems < 1):
+        raise ValueError(
+            f"guidance.per_problem=True needs make_train_step(..., num_problems=P), the number of "
+            f"training problems (an integer >= 1), got num_problems={num_problems!r}; pass it, or "
+            f"set guidance.per_problem=False")
 
 
 def make_train_step(
@@ -353,6 +418,7 @@ def make_train_step(
     rules=sharding_lib.DEFAULT_RULES,
     *,
     donate: bool = True,
+    num_problems: Optional[int] = None,
 ) -> Callable[[TrainState, object, RolloutBatch], tuple[TrainState, dict]]:
     """The jitted step `(state, ref_params, batch) -> (new state, metrics)`.
 
@@ -361,9 +427,12 @@ def make_train_step(
     moved there if they are not. `donate` lets XLA reuse the old state's buffers (the caller must
     not touch the state passed in afterwards). `ref_params` may be None when beta = 0.
     The batch size is checked against the layout (`validate_layout`) when the step is traced.
+    `num_problems` (P, the number of training problems) is required with guidance.per_problem
+    (the state's per-problem guidance arrays are [P, ...]) and ignored otherwise.
     """
     validate_config(step_cfg)
     guidance_lib.validate(gcfg)
+    _check_problem_count(num_problems, gcfg)
     # Frozen copies: later edits of the caller's configs cannot change a step traced afterwards.
     step_cfg = ml_collections.FrozenConfigDict(step_cfg)
     frozen_gcfg = ml_collections.FrozenConfigDict(gcfg)
@@ -386,7 +455,7 @@ def make_train_step(
     param_shardings = None
     if mesh is not None:
         abstract_params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
-        abstract = train_state_lib.abstract_state(abstract_params, optimizer, gcfg)
+        abstract = train_state_lib.abstract_state(abstract_params, optimizer, gcfg, num_problems)
         state_sh = train_state_lib.state_shardings(
             abstract, optimizer, mesh, models.param_logical_axes(model_cfg), rules
         )
@@ -402,17 +471,30 @@ def make_train_step(
         )
 
     def micro_loss(params, micro, advantages, old_logprobs, ref_logprobs, policy_mask, normalizers, options):
-        """normalizers: the global denominators, keyword arguments of `grpo.policy_loss`."""
+        """normalizers: the global denominators, keyword arguments of `grpo.policy_loss`.
+
+        `micro.old_logprobs` holds the sampler's log-probs: against the trainer's old ones they
+        give the `mismatch/*` drift metrics (not for `sft`, whose batches have no sampler) and,
+        with step.tis, the truncated importance weights of the policy term."""
         logprobs, entropy = compute_logprobs(
             model_cfg, params, micro, temperature, chunk_size=chunk_size, remat=remat, with_entropy=True
         )  # [b, L] each
         if old_logprobs is None:  # μ = 1: the batch was sampled by these very params
             old_logprobs = jax.lax.stop_gradient(logprobs)
+        tis = dict(tis_level=step_cfg.tis, tis_cap=float(step_cfg.tis_cap), tis_weights=None)
+        if step_cfg.tis != "none":
+            tis["tis_weights"] = grpo.truncated_importance_weights(
+                old_logprobs, micro.old_logprobs, micro.completion_mask, micro.guided_mask,
+                level=step_cfg.tis, cap=tis["tis_cap"],
+            )  # [b, L], no gradient
         loss, metrics = grpo.policy_loss(
             logprobs, old_logprobs, ref_logprobs, advantages, micro.completion_mask,
             guided_mask=micro.guided_mask, entropy=entropy if options["entropy_coef"] else None,
-            policy_mask=policy_mask, **normalizers, **options,
+            policy_mask=policy_mask, tis_weights=tis["tis_weights"], **normalizers, **options,
         )
+        if options["loss_type"] != "sft":  # combine_metrics merges these over micro-batches too
+            metrics.update(grpo.mismatch_metrics(old_logprobs, micro.old_logprobs, micro.completion_mask,
+                                                 micro.guided_mask, **tis))
         completion = (micro.completion_mask > 0).astype(jnp.float32)
         entropy_sum = jnp.sum(jax.lax.stop_gradient(entropy) * completion)
         return loss, (metrics, entropy_sum)
@@ -456,7 +538,7 @@ def make_train_step(
         rewards = batch.rewards.astype(jnp.float32)  # [B]
         advantages = grpo.group_advantages(
             rewards, group_size, scale=scale_rewards, eps=advantage_eps, baseline=advantage_baseline,
-            guided=jnp.any(batch.guided_mask > 0, axis=1),
+            guided=batch.guided > 0,
         )  # [B]
         zero_std_rows = zero_std_row_mask(rewards, group_size)  # [B]
         completion_mask = batch.completion_mask  # [B, L] as sampled, for the guidance metrics
@@ -519,15 +601,17 @@ def make_train_step(
         metrics["skipped_nonfinite"] = skipped
 
         reward = guidance_lib.step_reward(batch.accuracy, rewards, frozen_gcfg.reward_source)
+        # A skipped update keeps the whole guidance state, per-problem schedules included.
+        next_guidance = _next_guidance(state.guidance, batch, reward, frozen_gcfg, group_size, num_problems)
         new_guidance = jax.tree.map(lambda new, old: jnp.where(skipped > 0, old, new),
-                                    guidance_lib.update(state.guidance, reward, frozen_gcfg), state.guidance)
-        guided_rows = jnp.any(batch.guided_mask > 0, axis=1)  # [B]
+                                    next_guidance, state.guidance)
+        guided_rows = batch.guided > 0  # [B]
         # Guided vs unguided success is reported on the accuracy reward (what the schedule reads).
         metrics.update(guidance_lib.guidance_metrics(
-            guidance_lib.length(state.guidance), batch.accuracy, advantages, guided_rows,
+            _mean_length(state.guidance, batch, group_size), batch.accuracy, advantages, guided_rows,
             completion_mask, batch.guided_mask,
         ))
-        metrics["guidance/next_length"] = guidance_lib.length(new_guidance).astype(jnp.float32)
+        metrics["guidance/next_length"] = _mean_length(new_guidance, batch, group_size)
         metrics["guidance/step_reward"] = reward
         metrics["reward/mean"] = jnp.mean(rewards)
         metrics["reward/std"] = jnp.std(rewards)

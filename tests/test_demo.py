@@ -71,3 +71,52 @@ def test_rerunning_reuses_finished_runs(demo):
     stdout = run_demo(out)
     assert "reusing 5 finished run(s) of 5" in stdout
     assert "started" not in stdout
+
+
+# ----------------------------------------------------------------------------- ablations (experiments/ablations.py)
+
+
+def load_experiment_module(name):
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(REPO, "experiments"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_ablation_row_is_a_valid_config():
+    """Each row's overrides name real keys with valid values (a typo would only show after an hour)."""
+    from g2rpo_jax import rollout, train
+
+    ablations = load_experiment_module("ablations")
+    configs = load_experiment_module("configs/g2rpo")
+    for row, (_, overrides) in ablations.ROWS.items():
+        cfg = configs.get_config("demo,adaptive")
+        for override in overrides:
+            key, value = override.split("=", 1)
+            section, name = key.split(".")
+            assert name in cfg[section], f"row {row}: {key} is not a config key"
+            old = cfg[section][name]
+            cfg[section][name] = type(old)(value == "True") if isinstance(old, bool) else type(old)(value)
+        train.validate_config(cfg, None)
+        rollout.validate_options(cfg.guidance, cfg.sampling)
+
+
+def test_ablation_rows_share_the_demo_warm_start_and_report_the_runs_metrics(demo, tmp_path):
+    out, _ = demo
+    ablation_out = tmp_path / "ablations"
+    command = [sys.executable, "experiments/ablations.py", "--out", str(ablation_out), "--demo_out", str(out),
+               "--rows", "baseline,steps", "--seeds", "3", "--sft_steps", "2", "--rl_steps", "2", "--eval_every", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = json.loads((ablation_out / "ablations.json").read_text())
+    for row in ("baseline", "steps"):
+        config = json.loads((ablation_out / row / "seed3" / "config.json").read_text())
+        assert config["model"]["checkpoint"] == str(out / "sft" / "final_hf")  # the demo's warm start
+        metrics = read_metrics(ablation_out / row / "seed3")
+        assert summary["rows"][row]["heldout_accuracy"] == [metrics[-1][HELDOUT]]
+    steps_config = json.loads((ablation_out / "steps" / "seed3" / "config.json").read_text())["guidance"]
+    assert (steps_config["length_unit"], steps_config["step_delimiter"], steps_config["max_length"]) == ("steps", ";", 4)
+    assert "| steps |" in (ablation_out / "ablations.md").read_text()

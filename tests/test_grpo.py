@@ -19,7 +19,9 @@ from grpo_numpy import (  # noqa: E402
     group_advantages_split_ref,
     high_entropy_mask_ref,
     loss_grad_fd,
+    mismatch_metrics_ref,
     policy_loss_ref,
+    tis_weights_ref,
     token_entropy_ref,
 )
 
@@ -511,6 +513,8 @@ def assert_option_grad(inputs, options, wrt="logprobs"):
     def jax_of(values):
         return jax_option_loss({**inputs, wrt: values}, **options)[0]
 
+    if options.get("tis_weights") is not None:  # weighted policy terms: their sizes scale with w
+        tolerance = tolerance * max(1.0, float(np.max(options["tis_weights"])))
     grad = np.asarray(jax.grad(jax_of)(jnp.asarray(inputs[wrt])))
     expected = loss_grad_fd(lambda v: ref_option_loss({**inputs, wrt: v}, **options)[0], inputs[wrt])
     assert np.abs(expected).max() > 10 * tolerance.max()  # not vacuous
@@ -861,4 +865,295 @@ def test_objective_options_are_jittable():
 )
 def test_bad_objective_options_raise_naming_value_and_options(call, pattern):
     with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+
+# ----------------------------------------------------------------------------- truncated importance sampling
+# truncated_importance_weights, mismatch_metrics and policy_loss's tis_weights against
+# tests/reference/grpo_numpy.py.
+
+TIS_CAP = 2.0
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def tis_inputs(seed: int) -> dict[str, np.ndarray]:
+    """`option_inputs` plus the sampler's log-probs: the old ones minus a per-row offset and token
+    noise (weights on both sides of 1; rows on both sides of the cap at sequence level), a token
+    far above the cap (e^3), a huge gap (sampler -1e30, whose exp would overflow), 0 on guide
+    tokens (the loop's convention) but -inf on one, and NaN in padding: neither may reach a weight."""
+    inputs = option_inputs(seed)
+    rng = np.random.default_rng(200 + seed)
+    old = inputs["old_logprobs"]
+    drift = rng.normal(0.0, 0.25, (B, 1)) + rng.normal(0.0, 0.3, (B, T))
+    sampler = (old - drift).astype(np.float32)
+    sampler[0, 4] = old[0, 4] - 3.0  # row 0: guide tokens 0-2, sampled from 3 on
+    sampler[6, 5] = -1e30  # row 6: guide tokens 0-3
+    guide = (inputs["mask"] > 0) & (inputs["guided_mask"] > 0)
+    sampler[guide] = 0.0
+    sampler[2, 1] = -np.inf  # row 2 is all guide tokens
+    sampler[inputs["mask"] == 0] = np.nan
+    inputs["sampler_logprobs"] = sampler
+    return inputs
+
+
+def tis_units(inputs, level: str) -> list[tuple[list[tuple[int, int]], float, float]]:
+    """The TIS units in float64: (their positions, exponent x = old - sampler or its row sum over
+    sampled tokens, bound on x's float32 rounding). A difference of two float32 numbers is rounded
+    once (eps/2 · |d|); a sum of n of them adds at most (n - 1) · eps · Σ|d| (recursive summation)."""
+    old = inputs["old_logprobs"].astype(np.float64)
+    sampler = inputs["sampler_logprobs"].astype(np.float64)
+    sampled = (inputs["mask"] > 0) & ~(inputs["guided_mask"] > 0)
+    units = []
+    for b in range(B):
+        cols = [t for t in range(T) if sampled[b, t]]
+        drifts = [old[b, t] - sampler[b, t] for t in cols]
+        if level == "token":
+            units.extend(([(b, t)], d, F32_EPS * abs(d)) for t, d in zip(cols, drifts))
+        elif cols:
+            size = sum(abs(d) for d in drifts)
+            units.append(([(b, t) for t in cols], sum(drifts), len(cols) * F32_EPS * size))
+    return units
+
+
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_LEVELS)
+def test_tis_inputs_exercise_the_cap_and_both_sides_of_one(level):
+    for seed in SEEDS:
+        units = tis_units(tis_inputs(seed), level)
+        exponents = np.array([x for _, x, _ in units])
+        assert (exponents < 0).any() and (0 < exponents).any()
+        assert (exponents > np.log(TIS_CAP)).any() and (exponents < np.log(TIS_CAP)).any()
+        # No exponent sits within 10 × its float32 rounding of log C: the cap decision is robust.
+        assert all(abs(x - np.log(TIS_CAP)) > 10 * bound for _, x, bound in units)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_LEVELS)
+def test_tis_weights_match_reference(seed, level):
+    """Truncated weights exactly C, guide tokens and padding exactly 1, the others within the
+    float32 rounding of their exponent (absolute error δ of x gives relative error δ in exp(x))
+    plus 4 eps for exp itself."""
+    inputs = tis_inputs(seed)
+    weights = np.asarray(grpo.truncated_importance_weights(
+        inputs["old_logprobs"], inputs["sampler_logprobs"], inputs["mask"], inputs["guided_mask"],
+        level=level, cap=TIS_CAP))
+    expected = tis_weights_ref(inputs["old_logprobs"], inputs["sampler_logprobs"], inputs["mask"],
+                               inputs["guided_mask"], level, TIS_CAP)
+    assert weights.dtype == np.float32 and np.all(np.isfinite(weights))
+    covered = np.zeros((B, T), bool)
+    for positions, x, bound in tis_units(inputs, level):
+        rows, cols = zip(*positions)
+        covered[rows, cols] = True
+        if x >= np.log(TIS_CAP):
+            assert np.all(weights[rows, cols] == np.float32(TIS_CAP))
+        else:
+            np.testing.assert_allclose(weights[rows, cols], expected[rows, cols], rtol=bound + 4 * F32_EPS, atol=0)
+    assert np.all(weights[~covered] == 1.0) and np.all(expected[~covered] == 1.0)  # guide tokens, padding
+    if level == "sequence":  # one weight per row
+        assert all(len(set(weights[b][covered[b]])) <= 1 for b in range(B))
+
+
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_LEVELS)
+def test_tis_weights_survive_huge_gaps(level):
+    """Gaps whose exp overflows float32 (1e30, float32's max, +inf) give exactly C, even with C at
+    float32's max; a huge negative gap gives 0; the loss and its gradient stay finite."""
+    old = jnp.array([[-0.1, -0.2, -0.3, -0.4], [-1e30, -0.2, -0.3, -0.4], [-0.1, -0.2, -0.3, -0.4]])
+    sampler = jnp.array([[-1e30, -F32_MAX, -jnp.inf, -0.4], [-0.1, -0.2, -0.3, -0.4], [-0.1, -0.2, -0.3, -50.0]])
+    mask = jnp.ones((3, 4))
+    for cap in (TIS_CAP, 1e38, F32_MAX):
+        weights = np.asarray(grpo.truncated_importance_weights(old, sampler, mask, level=level, cap=cap))
+        c = np.float32(cap)
+        if level == "token":
+            np.testing.assert_array_equal(weights[0], [c, c, c, 1.0])
+            np.testing.assert_array_equal(weights[1], [0.0, 1.0, 1.0, 1.0])
+            assert weights[2, 3] == min(c, np.float32(np.exp(np.float32(49.6))))
+        else:
+            np.testing.assert_array_equal(weights[:2], [[c] * 4, [0.0] * 4])
+            assert np.all(weights[2] == min(c, np.float32(np.exp(np.float32(49.6)))))
+    weights = grpo.truncated_importance_weights(old, sampler, mask, level=level, cap=TIS_CAP)
+
+    def loss_fn(logprobs):
+        return grpo.policy_loss(logprobs, logprobs - 0.1, None, jnp.array([1.0, -1.0, 0.5]), mask, beta=0.0,
+                                tis_weights=weights)[0]
+
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.full((3, 4), -1.0))
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad)))
+
+
+def tis_weights_of(inputs, level):
+    return grpo.truncated_importance_weights(inputs["old_logprobs"], inputs["sampler_logprobs"], inputs["mask"],
+                                             inputs["guided_mask"], level=level, cap=TIS_CAP)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("level", grpo.IMPORTANCE_LEVELS)
+@pytest.mark.parametrize("combo", COMBOS + [("sft", "token", "train")])
+def test_policy_loss_with_tis_matches_reference(seed, level, combo):
+    """The library's float32 weights, given to both sides (the weights are checked above): the
+    weighted loss, metrics and gradient match the reference, all options on. The loss's rounding
+    bound scales with the largest weight, C, since every policy term is multiplied by its weight."""
+    inputs = tis_inputs(seed)
+    weights = np.asarray(tis_weights_of(inputs, level))
+    options = combo_options(combo, tis_weights=weights, entropy_coef=0.02, guide_nll_coef=0.3)
+    (loss, metrics), (expected_loss, expected_metrics) = option_loss(inputs, **options)
+    tolerance = TIS_CAP * option_rounding(inputs, 0.02, 0.3)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=0, atol=tolerance)
+    assert_option_metrics(metrics, expected_metrics, inputs)
+    unweighted, _ = ref_option_loss(inputs, **{**options, "tis_weights": None})
+    assert abs(unweighted - expected_loss) > 10 * tolerance  # the check above would see missing weights
+    assert_option_grad(inputs, options)
+
+
+def test_tis_weights_scale_the_policy_term_only_and_carry_no_gradient():
+    """With every advantage 0 the policy term vanishes (and for sft it is what remains): the KL,
+    entropy and guide-NLL terms are then unchanged by any weights, value and gradient alike."""
+    inputs = tis_inputs(0)
+    inputs["advantages"][:] = 0.0
+    weights = tis_weights_of(inputs, "token")
+    options = dict(loss_type="dapo", beta=BETA, entropy_coef=0.02, guide_nll_coef=0.3,
+                   entropy=jnp.asarray(inputs["entropy"]))
+
+    def loss_fn(logprobs, tis_weights):
+        return jax_loss({**inputs, "logprobs": logprobs}, tis_weights=tis_weights, **options)[0]
+
+    lp = jnp.asarray(inputs["logprobs"])
+    loss, (grad, weight_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1))(lp, weights)
+    plain, plain_grad = jax.value_and_grad(loss_fn)(lp, None)
+    assert float(loss) == float(plain)
+    np.testing.assert_array_equal(grad, plain_grad)
+    assert np.all(np.asarray(weight_grad) == 0)  # stop_gradient: the weights are constants
+    # sft: the weight scales -log p, the whole per-token NLL.
+    sft, _ = jax_loss(inputs, loss_type="sft", beta=0.0, tis_weights=jnp.full((B, T), 3.0))
+    sft_plain, _ = jax_loss(inputs, loss_type="sft", beta=0.0)
+    assert float(sft) == pytest.approx(3 * float(sft_plain), rel=4 * F32_EPS)
+
+
+def test_tis_off_reproduces_the_default_loss_bit_for_bit():
+    """tis_weights None (the default) is the untouched code path; weights of exactly 1 multiply
+    every policy term and its cotangent by 1.0, which is exact: same bits, eagerly (op by op)."""
+    inputs = tis_inputs(1)
+    arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
+    results = {}
+    for name, extra in {"default": {}, "none": dict(tis_weights=None),
+                        "ones": dict(tis_weights=jnp.ones((B, T)))}.items():
+        def loss_fn(logprobs, extra=extra):
+            return jax_loss({**inputs, "logprobs": logprobs}, beta=BETA, epsilon_high=0.28, **extra)
+
+        (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(arrays["logprobs"])
+        results[name] = (np.asarray(loss), {k: np.asarray(v) for k, v in metrics.items()}, np.asarray(grad))
+    base_loss, base_metrics, base_grad = results["default"]
+    for name in ("none", "ones"):
+        loss, metrics, grad = results[name]
+        assert loss.tobytes() == base_loss.tobytes(), name
+        assert grad.tobytes() == base_grad.tobytes(), name
+        assert all(metrics[key].tobytes() == base_metrics[key].tobytes() for key in grpo.METRIC_KEYS), name
+
+
+def mismatch_rounding(inputs) -> dict:
+    """Tolerances of the drift means over the n sampled tokens, for two float32 evaluations that
+    may sum them in different orders: n · eps relative for sums of non-negative terms (|d|,
+    weights), and n · eps · mean|d| absolute for the k1 mean, whose terms cancel. The huge gap of
+    `tis_inputs` (1e30) makes |d| useless as a scale, so the inputs here leave it out."""
+    sampled = (inputs["mask"] > 0) & ~(inputs["guided_mask"] > 0)
+    drift = (inputs["old_logprobs"] - inputs["sampler_logprobs"]).astype(np.float64)[sampled]
+    n = int(sampled.sum())
+    return dict(rtol=n * F32_EPS, k1_atol=n * F32_EPS * float(np.abs(drift).mean()))
+
+
+def drift_inputs(seed):
+    """`tis_inputs` without the huge gap (mean drifts stay in a range float32 sums resolve)."""
+    inputs = tis_inputs(seed)
+    inputs["sampler_logprobs"][6, 5] = inputs["old_logprobs"][6, 5] - 0.5
+    return inputs
+
+
+def assert_mismatch_close(actual, expected, tolerance):
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        if key.startswith("mismatch/num_") or key == "mismatch/logprob_max_abs_diff":
+            assert float(actual[key]) == pytest.approx(value, rel=F32_EPS, abs=0), key  # one rounding
+        elif key == "mismatch/k1":
+            np.testing.assert_allclose(float(actual[key]), value, rtol=0, atol=tolerance["k1_atol"], err_msg=key)
+        else:
+            np.testing.assert_allclose(float(actual[key]), value, rtol=tolerance["rtol"], atol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("level", grpo.TIS_LEVELS)
+def test_mismatch_metrics_match_reference(seed, level):
+    inputs = drift_inputs(seed)
+    weights = None if level == "none" else tis_weights_of(inputs, level)
+    metrics = grpo.mismatch_metrics(inputs["old_logprobs"], inputs["sampler_logprobs"], inputs["mask"],
+                                    inputs["guided_mask"], tis_weights=weights, tis_level=level, tis_cap=TIS_CAP)
+    expected = mismatch_metrics_ref(inputs["old_logprobs"], inputs["sampler_logprobs"], inputs["mask"],
+                                    inputs["guided_mask"], None if weights is None else np.asarray(weights),
+                                    level, TIS_CAP)
+    assert_mismatch_close(metrics, expected, mismatch_rounding(inputs))
+    keys = grpo.MISMATCH_KEYS + (() if level == "none" else grpo.TIS_KEYS)
+    assert set(metrics) == set(keys)
+    if level != "none":
+        assert 0 < expected["mismatch/tis_clipped_fraction"] < 1
+        sampled = (inputs["mask"] > 0) & ~(inputs["guided_mask"] > 0)
+        units = sampled.sum() if level == "token" else sampled.any(axis=1).sum()  # tokens, or rows
+        assert expected["mismatch/num_tis_units"] == units
+    # The huge gap: the max reports it, the weights stay bounded.
+    huge = tis_inputs(seed)
+    metrics = grpo.mismatch_metrics(huge["old_logprobs"], huge["sampler_logprobs"], huge["mask"],
+                                    huge["guided_mask"], tis_weights=tis_weights_of(huge, "token"), tis_cap=TIS_CAP)
+    assert float(metrics["mismatch/logprob_max_abs_diff"]) == pytest.approx(1e30, rel=F32_EPS)
+    assert float(metrics["mismatch/tis_weight_mean"]) <= TIS_CAP
+
+
+@pytest.mark.parametrize("level", grpo.TIS_LEVELS)
+@pytest.mark.parametrize("num_micro_batches", [2, 4])
+def test_mismatch_metrics_combine_across_micro_batches(level, num_micro_batches):
+    """Per-micro-batch metrics (loss and mismatch together) merged by `combine_metrics` equal the
+    whole batch's: counts add, means re-weight by their counts, the max is the max."""
+    inputs = drift_inputs(2)
+    arrays = {key: jnp.asarray(value) for key, value in inputs.items()}
+
+    def metrics_of(rows):
+        weights = None if level == "none" else tis_weights_of({k: v[rows] for k, v in inputs.items()}, level)
+        _, loss_metrics = grpo.policy_loss(arrays["logprobs"][rows], arrays["old_logprobs"][rows], None,
+                                           arrays["advantages"][rows], arrays["mask"][rows],
+                                           guided_mask=arrays["guided_mask"][rows], beta=0.0, tis_weights=weights)
+        drift = grpo.mismatch_metrics(arrays["old_logprobs"][rows], arrays["sampler_logprobs"][rows],
+                                      arrays["mask"][rows], arrays["guided_mask"][rows], tis_weights=weights,
+                                      tis_level=level, tis_cap=TIS_CAP)
+        return {**loss_metrics, **drift}
+
+    full = metrics_of(slice(None))
+    per_micro = B // num_micro_batches
+    parts = [metrics_of(slice(i * per_micro, (i + 1) * per_micro)) for i in range(num_micro_batches)]
+    combined = grpo.combine_metrics({key: jnp.stack([part[key] for part in parts]) for key in full})
+    assert list(combined)[:len(grpo.METRIC_KEYS)] == list(grpo.METRIC_KEYS) and set(combined) == set(full)
+    tolerance = mismatch_rounding(inputs)
+    assert_mismatch_close({k: v for k, v in combined.items() if k.startswith("mismatch/")},
+                          {k: float(v) for k, v in full.items() if k.startswith("mismatch/")}, tolerance)
+    if level != "none":
+        assert 0 < float(full["mismatch/tis_clipped_fraction"]) < 1
+
+
+@pytest.mark.parametrize(
+    "call,pattern",
+    [
+        (lambda: grpo.truncated_importance_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                                                   level="none"),
+         r"level='none' is not valid; expected one of \('token', 'sequence'\)"),
+        (lambda: grpo.truncated_importance_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), cap=0.0),
+         r"cap=0.0 is not valid; expected a number > 0"),
+        (lambda: grpo.truncated_importance_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                                                   cap=float("nan")), r"cap=nan is not valid"),
+        (lambda: grpo.truncated_importance_weights(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), cap=1e39),
+         r"cap=1e\+39 is not valid.*float32"),
+        (lambda: grpo.mismatch_metrics(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)),
+                                       tis_weights=jnp.ones((2, 3)), tis_level="tokens"), r"level='tokens'"),
+        (lambda: grpo.combine_metrics({**{key: jnp.zeros(2) for key in grpo.METRIC_KEYS},
+                                       "mismatch/k1": jnp.zeros(2)}),
+         r"missing \['mismatch/logprob_abs_diff', 'mismatch/logprob_max_abs_diff', 'mismatch/num_sampled_tokens'\]"),
+        (lambda: jax_loss(INPUTS, tis_weights=jnp.ones((B, T + 1))), r"shape"),
+    ],
+)
+def test_bad_tis_options_raise_naming_value_and_options(call, pattern):
+    with pytest.raises((ValueError, AssertionError), match=pattern):
         call()

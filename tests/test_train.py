@@ -181,6 +181,17 @@ def test_config_changes_separate_fixed_keys_from_allowed_ones(tmp_path):
     changes = train.config_changes(naive, train.config_as_dict(cfg))
     assert train.fixed_changes(changes, "fixed") == ["optim.max_grad_norm"]
 
+    # Keys added to the config since a run started: resumable at their defaults, fixed otherwise.
+    older = train.config_as_dict(demo_config(tmp_path))
+    for key in ("per_problem", "length_unit", "placement"):
+        del older["guidance"][key]
+    cfg = demo_config(tmp_path)
+    cfg.guidance.placement = "prompt"  # may change on resume: the state does not depend on it
+    assert train.fixed_changes(train.config_changes(older, train.config_as_dict(cfg)), "adaptive") == []
+    cfg.guidance.update({"per_problem": True, "length_unit": "steps"})  # change what the state holds or means
+    assert train.fixed_changes(train.config_changes(older, train.config_as_dict(cfg)), "adaptive") == [
+        "guidance.length_unit", "guidance.per_problem"]
+
 
 def test_truncating_metrics_keeps_each_step_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
@@ -200,3 +211,46 @@ def test_stop_requests_turn_the_first_signal_into_a_flag():
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request to stop
         assert stops.agreed() == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ----------------------------------------------------------------------------- guided-RL options (rollout.py)
+
+
+def options_config(workdir, total_steps):
+    """Every rollout option at once: a hint in the prompt, ℓ in whole steps, only for all-fail
+    groups, one ℓ per problem, and refill of zero-spread groups."""
+    cfg = demo_config(workdir, total_steps=total_steps)
+    cfg.guidance.update({"placement": "prompt", "trigger": "all_fail", "length_unit": "steps",
+                         "step_delimiter": ";", "initial_length": 2, "delta": 1, "min_length": 0,
+                         "max_length": 4, "per_problem": True})
+    cfg.sampling.refill_rounds = 1
+    cfg.data.limit = 16  # few problems, so a problem comes back within three steps
+    return cfg
+
+
+def per_problem_lengths(workdir, step):
+    """The checkpoint's per-problem ℓ (float32 [P]), read by orbax as a plain tree (no target)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", str(step), train_state.STATE_ITEM)
+    state = ocp.PyTreeCheckpointer().restore(path)
+    return np.asarray(state["guidance"]["per_problem"]["current_length"])
+
+
+def test_guided_rl_options_run_together_and_the_per_problem_state_resumes(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train.train(options_config(whole, 3))
+    train.train(options_config(split, 2))
+    train.train(options_config(split, 3))  # resumes at step 2
+    uninterrupted, resumed = read_metrics(whole), read_metrics(split)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(uninterrupted, resumed):
+        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
+            {k: v for k, v in b.items() if not k.startswith("time/")}
+    for m in uninterrupted:
+        assert m["rollout/sampling_rounds"] in (1.0, 2.0) and "rollout/extra_rollouts" in m
+        assert m["guided_token_share"] == 0.0  # hints live in the prompt: no guide token is trained
+    lengths = per_problem_lengths(whole, 3)
+    assert lengths.shape == (16,)
+    np.testing.assert_array_equal(lengths, per_problem_lengths(split, 3))
+    assert set(np.unique(lengths)) - {2.0} and set(np.unique(lengths)) <= {1.0, 2.0, 3.0, 4.0}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,4 +297,118 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
     with pytest.raises(ValueError, match="guidance.mode"):
         train_state.restore_latest_intact(manager, abstract, check_host=refuse)
     assert manager.all_steps() == [1]
+    manager.close()
+
+
+# ----------------------------------------------------------------------------- per-problem guidance
+
+NUM_PROBLEMS = 6
+
+
+def per_problem_guidance_config():
+    gcfg = guidance.get_default_config()
+    gcfg.per_problem = True
+    return gcfg
+
+
+def advanced_per_problem_state(optimizer, seed=0):
+    """`advanced_state` with per-problem guidance whose rows differ (two problems listed)."""
+    gcfg = per_problem_guidance_config()
+
+    @jax.jit
+    def advance(params):
+        state = train_state.create(params, optimizer, gcfg, jax.random.key(seed + 1), num_problems=NUM_PROBLEMS)
+        table = guidance.update_problems(state.guidance, jnp.array([4, 1, 4]), jnp.array([0.5, 0.25, 0.75]), gcfg)
+        return state.replace(step=jnp.int32(3), guidance=guidance.update(table, jnp.float32(0.4), gcfg))
+
+    return advance(_init_params(TINY, jax.random.key(seed))), gcfg
+
+
+def test_create_needs_num_problems_with_per_problem_guidance():
+    optimizer = optim.make_optimizer(optimizer_config())
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="guidance.per_problem=True needs num_problems"):
+        train_state.create(params, optimizer, per_problem_guidance_config(), jax.random.key(0))
+    with pytest.raises(ValueError, match="guidance.per_problem=True needs num_problems"):
+        train_state.abstract_state(params, optimizer, per_problem_guidance_config())
+    abstract = train_state.abstract_state(params, optimizer, per_problem_guidance_config(), NUM_PROBLEMS)
+    assert abstract.guidance.per_problem.recent_rewards.shape == (NUM_PROBLEMS, 3)
+
+
+def test_default_state_leaves_are_unchanged():
+    """Without per-problem guidance the state's leaves, with their paths, are those of before the
+    option (the guidance's three arrays), whether or not num_problems is passed."""
+    optimizer = optim.make_optimizer(optimizer_config())
+    params = {"w": jnp.zeros(3)}
+    for state in (train_state.create(params, optimizer, guidance.get_default_config(), jax.random.key(0)),
+                  train_state.create(params, optimizer, guidance.get_default_config(), jax.random.key(0), 7)):
+        guidance_leaves = [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype)
+                           for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                           if jax.tree_util.keystr(path).startswith(".guidance")]
+        assert guidance_leaves == [(".guidance.current_length", (), jnp.float32), (".guidance.step", (), jnp.int32),
+                                   (".guidance.recent_rewards", (3,), jnp.float32)]
+
+
+@flax.struct.dataclass
+class _GuidanceBeforePerProblem:
+    """GuidanceState as it was before the per-problem option (a flax struct of three arrays)."""
+
+    current_length: jax.Array
+    step: jax.Array
+    recent_rewards: jax.Array
+
+
+def test_checkpoints_without_per_problem_are_as_before_the_option(tmp_path):
+    """A state written before the option existed restores into today's abstract state, and today's
+    default state writes the very same checkpoint metadata."""
+    gcfg = guidance.get_default_config()
+    optimizer = optim.make_optimizer(optimizer_config())
+    state = advanced_state(optimizer, gcfg)
+    g = state.guidance
+    legacy = state.replace(guidance=_GuidanceBeforePerProblem(g.current_length, g.step, g.recent_rewards))
+    metadata = {}
+    for name, tree in (("legacy", legacy), ("current", state)):
+        manager = train_state.make_checkpoint_manager(str(tmp_path / name))
+        train_state.save_checkpoint(manager, tree)
+        manager.wait_until_finished()
+        with open(tmp_path / name / "3" / train_state.STATE_ITEM / "_METADATA") as f:
+            metadata[name] = json.load(f)["tree_metadata"]
+        restored = train_state.restore_checkpoint(manager, train_state.abstract_state(state.params, optimizer, gcfg))
+        assert_states_equal(restored, state)
+        manager.close()
+    assert metadata["legacy"] == metadata["current"]
+
+
+def test_per_problem_checkpoint_round_trip_is_exact(tmp_path):
+    optimizer = optim.make_optimizer(optimizer_config())
+    state, gcfg = advanced_per_problem_state(optimizer)
+    table = state.guidance.per_problem
+    assert table.step.tolist() == [0, 1, 0, 0, 2, 0] and len(set(table.current_length.tolist())) > 1
+    manager = train_state.make_checkpoint_manager(str(tmp_path))
+    train_state.save_checkpoint(manager, state)
+    manager.wait_until_finished()
+    abstract = train_state.abstract_state(state.params, optimizer, gcfg, NUM_PROBLEMS)
+    assert_states_equal(train_state.restore_checkpoint(manager, abstract), state)
+    assert_states_equal(train_state.restore_checkpoint(manager, state), state)  # a concrete target
+    # A target without the table (guidance.per_problem switched off) does not silently drop it.
+    with pytest.raises(ValueError, match="per_problem"):
+        train_state.restore_checkpoint(manager, train_state.abstract_state(
+            state.params, optimizer, guidance.get_default_config()))
+    manager.close()
+
+
+def test_per_problem_state_is_replicated_and_restores_onto_a_mesh(tmp_path):
+    optimizer = optim.make_optimizer(optimizer_config())
+    state, gcfg = advanced_per_problem_state(optimizer, seed=1)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    abstract = train_state.abstract_state(state.params, optimizer, gcfg, NUM_PROBLEMS)
+    shardings = train_state.state_shardings(abstract, optimizer, mesh, models.param_logical_axes(TINY))
+    table_shardings = jax.tree.leaves(shardings.guidance.per_problem)
+    assert len(table_shardings) == 3 and all(s.spec == PartitionSpec() for s in table_shardings)
+    manager = train_state.make_checkpoint_manager(str(tmp_path))
+    train_state.save_checkpoint(manager, train_state.shard_state(state, shardings))
+    manager.wait_until_finished()
+    restored = train_state.restore_checkpoint(manager, abstract, shardings=shardings)
+    assert_states_equal(restored, state)
+    assert restored.guidance.per_problem.recent_rewards.sharding == shardings.guidance.per_problem.recent_rewards
     manager.close()

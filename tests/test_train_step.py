@@ -19,7 +19,14 @@ from jax.sharding import PartitionSpec
 
 from g2rpo_jax import guidance, models, optim, sharding, train_state, train_step
 from g2rpo_jax.grpo import policy_loss as grpo_loss
-from tests.reference.grpo_numpy import group_advantages_ref, group_advantages_split_ref, high_entropy_mask_ref
+from tests.reference.grpo_numpy import (
+    group_advantages_ref,
+    group_advantages_split_ref,
+    high_entropy_mask_ref,
+    mismatch_metrics_ref,
+    policy_loss_ref,
+    tis_weights_ref,
+)
 
 G, P, L = 4, 8, 8
 TEMPERATURE = 0.7
@@ -566,3 +573,142 @@ def test_objective_option_defaults_change_nothing_and_bad_values_name_the_key(mo
     ]:
         with pytest.raises(ValueError, match=message):
             train_step.make_train_step(cfg, step_config(**{key: value}), guidance_config(), optax.sgd(1.0))
+
+
+
+# ----------------------------------------------------------------------------- sampler/trainer mismatch (TIS)
+
+_TIS_CACHE: dict = {}
+TIS_SHIFT = 0.3  # nats: the sampler's log-prob of every sampled token is the trainer's minus this
+
+
+def tis_step(model, tis: str):
+    """(compiled step, fresh state) of the grid's grpo point (KL on, micro-batches of 8) with
+    step.tis; "none" is the grid's own compiled step, so only two programs are added."""
+    if tis == "none":
+        return grid_step(model, "grpo", 8)[:2]
+    cfg, params, ref_params, _ = model
+    state = train_state.create(params, optax.sgd(SGD_RATE), guidance_config(), jax.random.key(0))
+    if tis not in _TIS_CACHE:
+        step_cfg = step_config(loss_type="grpo", guided=GUIDED_FOR["grpo"], micro_batch_size=8, tis=tis)
+        step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(SGD_RATE), donate=False)
+        _TIS_CACHE[tis] = compile_step(step_fn, state, ref_params, rollout_batch(4))
+    return _TIS_CACHE[tis], state
+
+
+def sampler_batches(model):
+    """(the trainer's log-probs [B, L] from a separate jit, a batch whose sampler log-probs equal
+    them, one whose sampled tokens have them minus TIS_SHIFT; guide tokens and padding hold 0)."""
+    cfg, params, _, _ = model
+    batch = rollout_batch(4)
+    trainer = np.asarray(jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE))(
+        params, batch))
+    sampled = (np.asarray(batch.completion_mask) > 0) & ~(np.asarray(batch.guided_mask) > 0)
+    equal = np.where(sampled, trainer, 0.0).astype(np.float32)
+    shifted = np.where(sampled, trainer - np.float32(TIS_SHIFT), 0.0).astype(np.float32)
+    return trainer, batch.replace(old_logprobs=equal), batch.replace(old_logprobs=shifted)
+
+
+def test_tis_with_the_trainers_logprobs_changes_nothing(model):
+    """Sampler log-probs equal to the trainer's, as a separately compiled forward gives them: the
+    step's own forward differs from that one by d, a few float32 roundings (on one CPU about
+    1.4e-6, 3 ulps of log-probs near -5), which the step reports as mismatch/logprob_max_abs_diff.
+    So the weights are exp(x) with |x| <= d per token, <= L·d per row, i.e. 1 within
+    e^(L·d) - 1 (at d = 0 exactly 1, and multiplying by 1.0 is exact). Token, sequence and no TIS
+    then give the same update up to (a) XLA's freedom to order sums differently in the three
+    programs (the accumulation test's bound) and (b) that weight error times the sum of the
+    per-token gradients' sizes, which the advantages' cancellation hides from grad_norm: it is
+    estimated as n · grad_norm. The bound (about 1% of the update's largest entry) is a worst
+    case; the observed difference is orders of magnitude smaller."""
+    _, params, _, _ = model
+    _, equal, _ = sampler_batches(model)
+    none_compiled, state = tis_step(model, "none")
+    none_state, none_metrics = none_compiled(state, params, equal)
+    n = int(none_metrics["num_loss_tokens"])
+    p_none = flat(none_state.params)
+    grad_norm = float(none_metrics["grad_norm"])
+    for tis in ("token", "sequence"):
+        compiled, state = tis_step(model, tis)
+        new_state, metrics = compiled(state, params, equal)
+        drift = float(metrics["mismatch/logprob_max_abs_diff"])
+        assert drift < 1e-5  # this program's own forward against the separate one
+        weight_error = np.expm1(L * drift) + 4 * F32_EPS
+        assert abs(float(metrics["mismatch/tis_weight_mean"]) - 1.0) <= weight_error
+        assert float(metrics["mismatch/tis_clipped_fraction"]) == 0.0
+        bound = sum_rounding(n, grad_norm) + F32_EPS * np.abs(p_none).max() + weight_error * n * grad_norm
+        assert bound < 0.02 * np.abs(p_none - flat(params)).max()  # far below the update: not vacuous
+        assert np.abs(flat(new_state.params) - p_none).max() <= bound, tis
+        np.testing.assert_allclose(metrics["loss"], none_metrics["loss"], rtol=0,
+                                   atol=sum_rounding(n, loss_term_size(equal, 0.04)) * (1 + n * weight_error))
+
+
+def test_tis_drift_metrics_and_loss_match_numpy(model):
+    """Sampler log-probs shifted by TIS_SHIFT on every sampled token: the step's drift metrics
+    (merged over its 2 micro-batches) and its loss equal the float64 numpy reference's, computed
+    from the separately compiled trainer log-probs. μ = 1, so the ratio is exactly 1 and with the
+    reference equal to the policy the per-token loss is -w·A (the KL is rounding, < 1e-6).
+    Tolerances: the step's old log-probs differ from those by d (the equal-batch drift, measured
+    by the none step), each drift by one float32 rounding of the shift (eps·|log p|), and the
+    means sum n terms (n·eps relative); a weight moves by e^(L·(d + eps·max|log p|)) - 1."""
+    _, params, _, _ = model
+    trainer, equal, shifted = sampler_batches(model)
+    none_compiled, state = tis_step(model, "none")
+    d = float(none_compiled(state, params, equal)[1]["mismatch/logprob_max_abs_diff"])
+    per_token = d + F32_EPS * np.abs(trainer).max()  # error of one drift
+    completion, guided = np.asarray(shifted.completion_mask), np.asarray(shifted.guided_mask)
+    n_sampled = int(((completion > 0) & ~(guided > 0)).sum())
+    advantages = group_advantages_ref(shifted.rewards, G)
+    for tis in ("none", "token", "sequence"):
+        compiled, state = tis_step(model, tis)
+        _, metrics = compiled(state, params, shifted)
+        weights = None if tis == "none" else tis_weights_ref(trainer, shifted.old_logprobs, completion, guided,
+                                                             tis, 2.0)
+        expected = mismatch_metrics_ref(trainer, shifted.old_logprobs, completion, guided, weights, tis, 2.0)
+        assert expected["mismatch/logprob_abs_diff"] == pytest.approx(TIS_SHIFT, rel=1e-5)
+        for key, value in expected.items():
+            if key.startswith("mismatch/num_"):
+                assert float(metrics[key]) == value, key
+            elif key == "mismatch/tis_clipped_fraction":
+                assert float(metrics[key]) == pytest.approx(value, rel=4 * F32_EPS), key
+            elif key == "mismatch/tis_weight_mean":
+                np.testing.assert_allclose(metrics[key], value, rtol=np.expm1(L * per_token) + n_sampled * F32_EPS,
+                                           err_msg=key)
+            else:  # drifts of size TIS_SHIFT: abs_diff, max and k1 (= -TIS_SHIFT)
+                np.testing.assert_allclose(metrics[key], value, rtol=0,
+                                           atol=per_token + n_sampled * F32_EPS * TIS_SHIFT, err_msg=key)
+        assert float(metrics["mismatch/num_sampled_tokens"]) == n_sampled
+        if tis == "none":
+            assert not any(key in metrics for key in ("mismatch/tis_weight_mean", "mismatch/num_tis_units"))
+            continue
+        # Token weights e^0.3 are all below C = 2; at sequence level rows of 3+ sampled tokens
+        # (e^0.9) reach it and shorter ones (e^0.3, e^0.6) do not: both sides of the cap.
+        clipped = float(metrics["mismatch/tis_clipped_fraction"])
+        assert clipped == 0.0 if tis == "token" else 0 < clipped < 1
+        expected_loss, _ = policy_loss_ref(trainer, trainer, trainer, advantages, completion, guided_mask=guided,
+                                           loss_type="grpo", guided=GUIDED_FOR["grpo"], beta=0.04,
+                                           tis_weights=weights)
+        n = int(metrics["num_loss_tokens"])
+        assert abs(float(metrics["kl"])) < 1e-6
+        term_size = 2.0 * loss_term_size(shifted, 0.04)  # weights up to C = 2
+        np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=0,
+                                   atol=sum_rounding(n, term_size) + np.expm1(L * per_token) * term_size, err_msg=tis)
+        plain, _ = policy_loss_ref(trainer, trainer, trainer, advantages, completion, guided_mask=guided,
+                                   loss_type="grpo", guided=GUIDED_FOR["grpo"], beta=0.04)
+        assert abs(plain - expected_loss) > 0.01  # the weights really reach the loss
+
+
+def test_tis_config_defaults_off_and_bad_values_name_the_key(model):
+    cfg = model[0]
+    defaults = train_step.get_default_config()
+    assert (defaults.tis, defaults.tis_cap) == ("none", 2.0)
+    for overrides, message in [
+        (dict(tis="row"), r"step.tis='row' is not valid; valid: \('none', 'token', 'sequence'\)"),
+        (dict(tis="token", tis_cap=0.0), r"step.tis_cap=0.0 is not valid; valid: a number > 0"),
+        (dict(tis_cap=-1.0), r"step.tis_cap=-1.0 is not valid"),
+        (dict(tis_cap=float("nan")), r"step.tis_cap=nan is not valid"),
+        (dict(tis_cap=1e39), r"step.tis_cap=1e\+39 is not valid.*float32"),
+        (dict(tis="sequence", loss_type="sft"),
+         r"step.tis='sequence' is not valid with loss_type='sft'; valid: 'none'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_step.make_train_step(cfg, step_config(**overrides), guidance_config(), optax.sgd(1.0))

@@ -43,7 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     })
     cfg.data = data.get_default_config()
     cfg.rewards = rewards.get_default_config()
-    cfg.sampling = ml_collections.ConfigDict({"max_new_tokens": 1024, "top_p": 1.0, "top_k": 0})
+    cfg.sampling = ml_collections.ConfigDict({
+        "max_new_tokens": 1024, "top_p": 1.0, "top_k": 0,
+        "dtype": "",  # the sampler's dtype, '' = model.dtype (e.g. 'bfloat16' for an f32 train step)
+        "refill_rounds": 0,  # dynamic sampling: extra rounds that replace zero-spread groups (0 = off)
+    })
     cfg.step = train_step.get_default_config()  # step.temperature is also the sampling temperature
     cfg.guidance = guidance.get_default_config()
     cfg.optim = optim.get_default_config()

@@ -106,13 +106,15 @@ def policy_loss_ref(
     entropy_coef=0.0,
     policy_mask=None,
     guide_nll_coef=0.0,
+    tis_weights=None,
 ):
     """Returns (loss, metrics) with the same metric names as the library.
 
     Options beyond plain GRPO, from their papers: dual clip (for A < 0 the token objective never
     drops below c·A), a clamp of the KL value that enters the loss, an entropy bonus on every
-    loss token, a 0/1 policy mask on the policy term only, and lambda × the mean NLL of the
-    guide tokens added to the loss."""
+    loss token, a 0/1 policy mask on the policy term only, lambda × the mean NLL of the guide
+    tokens added to the loss, and truncated importance weights (a constant per token) that scale
+    the policy term only."""
     logprobs = np.asarray(logprobs, np.float64)
     old_logprobs = np.asarray(old_logprobs, np.float64)
     advantages = np.asarray(advantages, np.float64)
@@ -171,6 +173,8 @@ def policy_loss_ref(
                 low_flags.append(0.0)
                 high_flags.append(0.0)
             token_loss = -objective
+            if tis_weights is not None:  # TIS: the policy term only; KL, entropy, guide NLL unweighted
+                token_loss *= float(tis_weights[b, t])
             if policy_mask is not None and not policy_mask[b, t] > 0:
                 token_loss = 0.0
             if entropy_coef:
@@ -235,6 +239,66 @@ def policy_loss_ref(
         "num_guided_tokens": float(len(guide_nlls)),
     }
     return loss, metrics
+
+
+def _sampled_positions(mask, guided_mask, b):
+    """Columns of row b that the sampler drew: completion tokens that are not forced guide tokens."""
+    return [t for t in range(mask.shape[1]) if mask[b, t] > 0 and not guided_mask[b, t] > 0]
+
+
+def tis_weights_ref(old_logprobs, sampler_logprobs, mask, guided_mask, level="token", cap=2.0):
+    """Truncated importance weights (Yao et al. 2025) from their formula, float64 [B, T]:
+    token w_t = min(exp(old_t - sampler_t), C); sequence w = min(exp(sum over the row's sampled
+    tokens of old_t - sampler_t), C) on its sampled tokens; 1 on guide tokens and padding. The
+    cap is tested on the exponent (x >= log C gives C), so exp never sees a huge x."""
+    old = np.asarray(old_logprobs, np.float64)
+    sampler = np.asarray(sampler_logprobs, np.float64)
+    weights = np.ones(old.shape)
+    log_cap = math.log(cap)
+
+    def truncated(x):
+        return cap if x >= log_cap else math.exp(x)
+
+    for b in range(old.shape[0]):
+        sampled = _sampled_positions(mask, guided_mask, b)
+        if level == "token":
+            for t in sampled:
+                weights[b, t] = truncated(old[b, t] - sampler[b, t])
+        else:
+            row_weight = truncated(sum(old[b, t] - sampler[b, t] for t in sampled))
+            for t in sampled:
+                weights[b, t] = row_weight
+    return weights
+
+
+def mismatch_metrics_ref(old_logprobs, sampler_logprobs, mask, guided_mask, tis_weights=None,
+                         level="token", cap=2.0):
+    """The drift over sampled tokens (mean and max |old - sampler|, mean sampler - old) and, given
+    weights, their mean and the share at the cap over units: tokens, or rows with a sampled token."""
+    old = np.asarray(old_logprobs, np.float64)
+    sampler = np.asarray(sampler_logprobs, np.float64)
+    drifts, unit_weights = [], []
+    for b in range(old.shape[0]):
+        sampled = _sampled_positions(mask, guided_mask, b)
+        drifts.extend(old[b, t] - sampler[b, t] for t in sampled)
+        if tis_weights is not None:
+            row = [float(tis_weights[b, t]) for t in sampled]
+            unit_weights.extend(row if level == "token" else row[:1])
+
+    def mean(values):
+        return sum(values) / len(values) if values else 0.0
+
+    metrics = {
+        "mismatch/logprob_abs_diff": mean([abs(d) for d in drifts]),
+        "mismatch/logprob_max_abs_diff": max([abs(d) for d in drifts], default=0.0),
+        "mismatch/k1": mean([-d for d in drifts]),
+        "mismatch/num_sampled_tokens": float(len(drifts)),
+    }
+    if tis_weights is not None:
+        metrics["mismatch/tis_weight_mean"] = mean(unit_weights)
+        metrics["mismatch/tis_clipped_fraction"] = mean([1.0 if w >= cap else 0.0 for w in unit_weights])
+        metrics["mismatch/num_tis_units"] = float(len(unit_weights))
+    return metrics
 
 
 def loss_grad_fd(fn, logprobs, step=1e-6):

@@ -65,6 +65,24 @@ def constant_schedule(num_steps, value):
     return [float(value)] * num_steps
 
 
+def per_problem_schedules(num_problems, steps, schedule, initial_length):
+    """Per-problem ℓ after every train step: [K][P] Python floats.
+
+    steps: per train step, a list of (problem id, group reward) pairs in batch order.
+    schedule: one problem's rule, reward sequence -> ℓ after each of its rewards (e.g. a
+    functools.partial of `adaptive_schedule`). Each problem follows that rule over the rewards of
+    its own groups, in the order they came (twice in one step: both, in batch order); a problem
+    no group has touched yet keeps `initial_length`.
+    """
+    histories = [[] for _ in range(num_problems)]
+    out = []
+    for groups in steps:
+        for problem, reward in groups:
+            histories[problem].append(float(reward))
+        out.append([schedule(h)[-1] if h else float(initial_length) for h in histories])
+    return out
+
+
 def rounded_length(value):
     """Integer ℓ: nearest integer, halves to even (Python's round), never negative."""
     return max(round(float(value)), 0)
