@@ -66,6 +66,7 @@ ADAPTER_REWARDS = {
     "math": "math",
     "gsm8k": "math",
     "aime": "math",
+    "multiple_choice": "math",  # the correct letter, checked in the final \boxed{}
     "humaneval": "code",
     "mbpp": "code",
     "code_stdio": "code",

@@ -224,6 +224,32 @@ def test_fully_guided_code_rollouts_score_one_with_the_rewards():
         assert code_reward(completion, example.tests) == 1.0, example.id
 
 
+
+def test_multiple_choice_gpqa_fields_and_the_generic_layout():
+    path = os.path.join(os.path.dirname(__file__), "fixtures", "eval", "gpqa_style.jsonl")
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    gpqa = data.load_examples(path, "multiple_choice")
+    for example, record in zip(gpqa, records, strict=True):
+        options = dict(line.split(") ", 1) for line in example.prompt.splitlines() if line[1:3] == ") ")
+        wrong = [record[f"Incorrect Answer {i}"] for i in (1, 2, 3)]
+        assert sorted(options.values()) == sorted([record["Correct Answer"], *wrong])
+        assert options[example.answer] == record["Correct Answer"]  # the letter of the shuffled correct option
+        assert example.trajectory == record["Explanation"] and example.id == record["Record ID"]
+    # GPQA lists the correct answer first; the shuffle moves it, the same way on every read.
+    assert [e.answer for e in gpqa] == ["B", "C", "A"]
+    assert [e.answer for e in data.load_examples(path, "multiple_choice")] == ["B", "C", "A"]
+    adapter = data.get_adapter("multiple_choice")
+    for answer in ("C", "(c)", 2, "blue"):
+        example = adapter({"question": "Sky?", "choices": ["red", "green", "blue"], "answer": answer})
+        assert example.answer == "C" and example.prompt.startswith("Sky?\n\nA) red\nB) green\nC) blue")
+    mapping = adapter({"question": "Q", "options": {"B": "y", "A": "x"}, "answer": "A"})
+    assert mapping.prompt.startswith("Q\n\nA) x\nB) y") and mapping.answer == "A"
+    with pytest.raises(ValueError, match=r"answer 'D' is neither a letter in 'ABC'"):
+        adapter({"question": "Sky?", "choices": ["red", "green", "blue"], "answer": "D"})
+    with pytest.raises(ValueError, match=r"choices must be a list of 2 to 10 options"):
+        adapter({"question": "Q", "choices": ["only one"], "answer": 0})
+
 # ----------------------------------------------------------------------------- loading
 
 def test_load_from_jsonl_json_gz_parquet_give_the_same_examples(tmp_path):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 import warnings
+import zlib
 from typing import Any, Callable, Mapping
 
 from g2rpo_jax.data.example import Example
@@ -207,6 +209,69 @@ def from_aime(record: Record) -> Example | None:
     )
 
 
+# ----------------------------------------------------------------------------- multiple choice
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
+_GPQA_WRONG = ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+
+
+def _choice_list(value: Any, adapter: str) -> list[str]:
+    """Options as a list of texts; a {letter: text} mapping is read in letter order."""
+    value = _maybe_json(value)
+    if isinstance(value, Mapping):
+        value = [value[key] for key in sorted(value)]
+    if not isinstance(value, list) or not 2 <= len(value) <= len(CHOICE_LETTERS):
+        raise ValueError(f"adapter {adapter!r}: choices must be a list of 2 to {len(CHOICE_LETTERS)} "
+                         f"options, got {value!r:.80}")
+    return [str(option).strip() for option in value]
+
+
+def _correct_index(answer: Any, options: list[str], adapter: str) -> int:
+    """The correct option from a letter ('C', '(C)'), a 0-based index, or the option's own text."""
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+        return answer
+    text = str(answer).strip()
+    letter = text.strip("()").upper()
+    if len(letter) == 1 and letter in CHOICE_LETTERS[: len(options)]:
+        return CHOICE_LETTERS.index(letter)
+    if text in options:
+        return options.index(text)
+    raise ValueError(f"adapter {adapter!r}: answer {answer!r} is neither a letter in "
+                     f"{CHOICE_LETTERS[: len(options)]!r}, an index below {len(options)} nor one of the options")
+
+
+def from_multiple_choice(record: Record) -> Example | None:
+    """Multiple-choice questions, GPQA style. The prompt lists the options as 'A) ...', 'B) ...';
+    the answer is the correct letter, which the math reward checks in the final \\boxed{}.
+
+    GPQA's own fields (`Question`, `Correct Answer`, `Incorrect Answer 1..3`, `Explanation`,
+    `Record ID`) put the correct answer first, so the options are shuffled with a seed taken from
+    the question: the same order on every run and machine. Otherwise `question` (or `problem`),
+    `choices` (or `options`: a list, or a mapping letter -> text) in the given order, and
+    `answer`: a letter, a 0-based index or the text of the correct option.
+    """
+    name = "multiple_choice"
+    if "Correct Answer" in record:
+        question = str(_require(record, "Question", name)).strip()
+        correct = str(record["Correct Answer"]).strip()
+        options = [correct] + [str(record[k]).strip() for k in _GPQA_WRONG if record.get(k) not in (None, "")]
+        random.Random(zlib.crc32(question.encode("utf-8"))).shuffle(options)
+        index = options.index(correct)
+    else:
+        question = str(_first_present(record, ("question", "problem"), name)).strip()
+        options = _choice_list(_first_present(record, ("choices", "options"), name), name)
+        index = _correct_index(_require(record, "answer", name), options, name)
+    listing = "\n".join(f"{CHOICE_LETTERS[i]}) {option}" for i, option in enumerate(options))
+    return Example(
+        id=_record_id(record, ("Record ID", "id", "question_id")),
+        prompt=f"{question}\n\n{listing}\n\nThe final answer is the letter of the correct option.",
+        answer=CHOICE_LETTERS[index],
+        trajectory=str(record.get("Explanation") or record.get("explanation") or ""),
+        source=str(record.get("source") or "multiple_choice"),
+        metadata={"num_options": len(options)},
+    )
+
+
 # ----------------------------------------------------------------------------- code
 
 def from_humaneval(record: Record) -> Example | None:
@@ -343,6 +408,7 @@ ADAPTERS: dict[str, Adapter] = {
     "math": from_math,
     "gsm8k": from_gsm8k,
     "aime": from_aime,
+    "multiple_choice": from_multiple_choice,
     "humaneval": from_humaneval,
     "mbpp": from_mbpp,
     "code_stdio": from_code_stdio,
