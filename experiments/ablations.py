@@ -39,6 +39,11 @@ ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
               ("guidance.length_unit=steps", "guidance.step_delimiter=;", "guidance.initial_length=2",
                "guidance.delta=1", "guidance.max_length=4")),
     "per_problem": ("one adaptive ℓ per training problem", ("guidance.per_problem=True",)),
+    # 300 steps of 8 prompts meet each of 20,000 problems at most once: a per-problem ℓ never moves.
+    # On a pool of 256 problems each comes back about 9 times.
+    "pool256": ("G²RPO-A on the first 256 training problems only", ("data.limit=256",)),
+    "pool256_per_problem": ("one ℓ per problem, on the first 256 training problems",
+                            ("data.limit=256", "guidance.per_problem=True")),
     "guide_nll": ("UFT-style NLL on guide tokens, weight 0.1", ("step.guide_nll_coef=0.1",)),
     "guided_split": ("separate baselines for guided and unguided rollouts", ("step.advantage_baseline=guided_split",)),
     "refill": ("dynamic sampling: zero-spread groups replaced, ≤ 2 extra rounds", ("sampling.refill_rounds=2",)),
@@ -47,6 +52,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "bf16_tis_sequence": ("bf16 sampling with sequence-level TIS, C = 2",
                           ("sampling.dtype=bfloat16", "step.tis=sequence")),
     "dual_clip": ("dual clip for negative advantages, c = 3", ("step.dual_clip_c=3.0",)),
+    # With μ = 1 every ratio is 1 and the dual clip never binds: these two rows take μ = 2.
+    "mu2": ("μ = 2 optimizer updates per batch (off policy: the row dual clip is compared with)",
+            ("step.num_iterations=2",)),
+    "mu2_dual_clip": ("μ = 2 with the dual clip, c = 3", ("step.num_iterations=2", "step.dual_clip_c=3.0")),
     "beta": ("KL to the warm start, β = 0.04 (k3)", ("step.beta=0.04",)),
     "beta_kl_clamp": ("β = 0.04 with the per-token KL clamped to 0.5", ("step.beta=0.04", "step.kl_clamp=0.5")),
     "entropy_bonus": ("entropy bonus, weight 0.01", ("step.entropy_coef=0.01",)),
@@ -99,6 +108,13 @@ def plan(args: argparse.Namespace) -> tuple[demo.Run, list[demo.Run]]:
     return sft, runs
 
 
+def stale_runs(sft: demo.Run, runs: Sequence[demo.Run]) -> list[demo.Run]:
+    """Runs begun (config.json written) before the warm start's checkpoint was last written."""
+    warm_start = os.path.getmtime(os.path.join(sft.workdir, "final_hf", "config.json"))
+    begun = [r for r in runs if os.path.isfile(os.path.join(r.workdir, "config.json"))]
+    return [r for r in begun if os.path.getmtime(os.path.join(r.workdir, "config.json")) < warm_start]
+
+
 def row_summary(runs: Sequence[demo.Run]) -> dict:
     """Held-out accuracy per seed and the step means of the signals the options act on."""
     records = [plot.read_metrics(r.workdir) for r in runs]
@@ -148,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[ablations] {len(args.rows)} row(s) x {len(args.seeds)} seed(s), {args.rl_steps} RL steps each, "
           f"warm start {sft.workdir}; output in {out}", flush=True)
     demo.run_all([sft], 1, started_at)
+    stale = stale_runs(sft, runs)
+    if stale:
+        raise SystemExit(f"[ablations] {len(stale)} run(s) started before the warm start {sft.workdir}/final_hf was "
+                         f"last written, so they trained from another one: {', '.join(r.name for r in stale)}. "
+                         f"Remove them (rm -r {' '.join(r.workdir for r in stale)}) to retrain them from this one")
     demo.run_all(runs, args.jobs, started_at)
     summary = {
         "warm_start_heldout_accuracy": demo.last_value(plot.read_metrics(sft.workdir), demo.HELDOUT_KEY, sft.total_steps),

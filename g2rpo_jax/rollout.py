@@ -206,9 +206,11 @@ def validate_options(gcfg: ml_collections.ConfigDict, scfg: ml_collections.Confi
     for key, valid in (("placement", PLACEMENTS), ("trigger", TRIGGERS), ("length_unit", LENGTH_UNITS)):
         if gcfg[key] not in valid:
             raise ValueError(f"guidance.{key}={gcfg[key]!r} is not valid; valid: {valid}")
-    if gcfg.length_unit == "percent" and gcfg.max_length > 100:
-        raise ValueError(f"guidance.max_length={gcfg.max_length!r} is not valid with guidance.length_unit="
-                         "'percent'; valid: at most 100 (ℓ is a percentage of the trajectory)")
+    if gcfg.length_unit == "percent" and max(gcfg.max_length, gcfg.initial_length) > 100:
+        raise ValueError(f"guidance.max_length={gcfg.max_length!r} and guidance.initial_length="
+                         f"{gcfg.initial_length!r} must be at most 100 with guidance.length_unit='percent' (ℓ is a "
+                         "percentage of the trajectory): restate min_length, initial_length, max_length and delta "
+                         "in percent")
     if gcfg.length_unit == "steps" and not (isinstance(gcfg.step_delimiter, str) and gcfg.step_delimiter):
         raise ValueError(f"guidance.step_delimiter={gcfg.step_delimiter!r} is not valid with guidance."
                          "length_unit='steps'; valid: the non-empty text that ends a reasoning step, e.g. '\\n\\n'")

@@ -181,33 +181,33 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
     }
     for key, valid in options.items():
         if step_cfg[key] not in valid:
-            raise ValueError(f"train_step.{key}={step_cfg[key]!r} is not valid; valid: {valid}")
+            raise ValueError(f"step.{key}={step_cfg[key]!r} is not valid; valid: {valid}")
     for key, low in (("group_size", 1), ("num_iterations", 1), ("micro_batch_size", 0),
                      ("max_completion_length", 0), ("logprob_chunk_size", 1)):
         value = step_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"train_step.{key}={value!r} is not valid; valid: an integer >= {low}")
+            raise ValueError(f"step.{key}={value!r} is not valid; valid: an integer >= {low}")
     if not step_cfg.temperature > 0:
-        raise ValueError(f"train_step.temperature={step_cfg.temperature!r} is not valid; valid: a number > 0")
+        raise ValueError(f"step.temperature={step_cfg.temperature!r} is not valid; valid: a number > 0")
     for key in ("epsilon_low", "epsilon_high", "beta", "shaping_gamma", "advantage_eps",
                 "kl_clamp", "entropy_coef", "guide_nll_coef"):
         if not step_cfg[key] >= 0:
-            raise ValueError(f"train_step.{key}={step_cfg[key]!r} is not valid; valid: a number >= 0")
+            raise ValueError(f"step.{key}={step_cfg[key]!r} is not valid; valid: a number >= 0")
     if not (step_cfg.dual_clip_c == 0 or step_cfg.dual_clip_c > 1):
-        raise ValueError(f"train_step.dual_clip_c={step_cfg.dual_clip_c!r} is not valid; "
+        raise ValueError(f"step.dual_clip_c={step_cfg.dual_clip_c!r} is not valid; "
                          "valid: 0 (off) or a number > 1")
     if not 0 < step_cfg.tis_cap <= float(np.finfo(np.float32).max):
-        raise ValueError(f"train_step.tis_cap={step_cfg.tis_cap!r} is not valid; valid: a number > 0 "
+        raise ValueError(f"step.tis_cap={step_cfg.tis_cap!r} is not valid; valid: a number > 0 "
                          "(float32-representable)")
     if step_cfg.tis != "none" and step_cfg.loss_type == "sft":
-        raise ValueError(f"train_step.tis={step_cfg.tis!r} is not valid with loss_type='sft'; valid: 'none' "
+        raise ValueError(f"step.tis={step_cfg.tis!r} is not valid with loss_type='sft'; valid: 'none' "
                          "(the SFT baseline trains on reference trajectories: there is no sampler to correct for)")
     if not 0 < step_cfg.entropy_top_fraction <= 1:
-        raise ValueError(f"train_step.entropy_top_fraction={step_cfg.entropy_top_fraction!r} is not valid; "
+        raise ValueError(f"step.entropy_top_fraction={step_cfg.entropy_top_fraction!r} is not valid; "
                          "valid: a number in (0, 1] (1 = every loss token)")
     if step_cfg.scale_rewards == "group" and step_cfg.group_size < 2:
         raise ValueError(
-            f"train_step.group_size={step_cfg.group_size} is not valid with scale_rewards='group'; "
+            f"step.group_size={step_cfg.group_size} is not valid with scale_rewards='group'; "
             "valid: >= 2 (the unbiased group std needs two rewards)"
         )
 

@@ -220,9 +220,9 @@ def test_split_group_is_refused_when_the_step_is_traced(model):
 
 def test_bad_step_config_names_key_and_options(model):
     cfg = model[0]
-    with pytest.raises(ValueError, match=r"train_step.loss_type='ppo' is not valid; valid: \('grpo'"):
+    with pytest.raises(ValueError, match=r"step.loss_type='ppo' is not valid; valid: \('grpo'"):
         train_step.make_train_step(cfg, step_config(loss_type="ppo"), guidance_config(), optax.sgd(1.0))
-    with pytest.raises(ValueError, match="train_step.num_iterations=0"):
+    with pytest.raises(ValueError, match="step.num_iterations=0"):
         train_step.make_train_step(cfg, step_config(num_iterations=0), guidance_config(), optax.sgd(1.0))
 
 
