@@ -142,7 +142,19 @@ def console_line(m: dict) -> str:
             f"/ free {get('guidance/reward_unguided'):.2f}) | ℓ {get('guidance/length'):.0f} | "
             f"grad {get('grad_norm'):.3f} | entropy {get('entropy'):.2f} | adv std {get('guidance/advantage_std'):.2f} | "
             f"len {get('completion/mean_tokens'):.0f} | sample {get('time/sample_s'):.1f}s "
-            f"reward {get('time/reward_s'):.1f}s step {get('time/step_s'):.1f}s")
+            f"reward {get('time/reward_s'):.1f}s step {get('time/step_s'):.1f}s" + option_details(m))
+
+
+def option_details(m: dict) -> str:
+    """What the guided-RL options that are on add to the console line (nothing when all are off)."""
+    parts = []
+    if "rollout/extra_rollouts" in m:
+        parts.append(f"extra rollouts {m['rollout/extra_rollouts']:.0f}")
+    if "rollout/sampling_rounds" in m:
+        parts.append(f"sampling rounds {m['rollout/sampling_rounds']:.0f}")
+    if m.get("mismatch/logprob_abs_diff", 0.0) > 1e-4:  # only when the sampler's numerics differ
+        parts.append(f"sampler drift {m['mismatch/logprob_abs_diff']:.1e}")
+    return "".join(f" | {p}" for p in parts)
 
 
 # ----------------------------------------------------------------------------- configs and resumes

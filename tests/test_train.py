@@ -254,3 +254,12 @@ def test_guided_rl_options_run_together_and_the_per_problem_state_resumes(tmp_pa
     assert lengths.shape == (16,)
     np.testing.assert_array_equal(lengths, per_problem_lengths(split, 3))
     assert set(np.unique(lengths)) - {2.0} and set(np.unique(lengths)) <= {1.0, 2.0, 3.0, 4.0}
+
+
+def test_console_line_shows_the_options_that_are_on():
+    base = {"step": 3, "loss": 0.1}
+    assert " | extra" not in train.console_line(base) and "drift" not in train.console_line(base)
+    line = train.console_line({**base, "rollout/extra_rollouts": 32.0, "rollout/sampling_rounds": 2.0,
+                               "mismatch/logprob_abs_diff": 0.011})
+    assert line.endswith(" | extra rollouts 32 | sampling rounds 2 | sampler drift 1.1e-02")
+    assert "drift" not in train.console_line({**base, "mismatch/logprob_abs_diff": 5e-7})  # f32 rounding only
