@@ -78,15 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown or not args.rows:
         parser.error(f"--rows has unknown or no rows {unknown}; valid: {list(ROWS)}")
-    try:
-        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        parser.error(f"--seeds={args.seeds!r} is not a comma-separated list of integers")
-    if not args.seeds:
-        parser.error("--seeds is empty; give at least one seed, e.g. --seeds 0")
-    for flag in ("rl_steps", "sft_steps", "eval_every", "jobs"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag}={getattr(args, flag)} must be at least 1")
+    args.seeds = demo.parse_seeds(parser, args.seeds)
+    demo.require_positive(parser, args, ("rl_steps", "sft_steps", "eval_every", "jobs"))
     return args
 
 

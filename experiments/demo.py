@@ -88,22 +88,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra", action="append", default=[],
                         help="a --config.<key>=<value> override for every RL run (repeatable)")
     args = parser.parse_args(argv)
-    try:  # each seed and method once, in the order given
-        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
-    except ValueError:
-        parser.error(f"--seeds={args.seeds!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2")
+    args.seeds = parse_seeds(parser, args.seeds)
     args.methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods has unknown {unknown}; valid: {list(METHODS)}")
     if not args.methods:
         parser.error(f"--methods is empty; give at least one of {list(METHODS)}")
-    if not args.seeds:
+    require_positive(parser, args, ("rl_steps", "sft_steps", "eval_every", "jobs"))
+    return args
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2], each seed once in the order given; a parser error otherwise."""
+    try:
+        seeds = list(dict.fromkeys(int(s) for s in text.split(",") if s.strip()))
+    except ValueError:
+        parser.error(f"--seeds={text!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2")
+    if not seeds:
         parser.error("--seeds is empty; give at least one seed, e.g. --seeds 0")
-    for flag in ("rl_steps", "sft_steps", "eval_every", "jobs"):
+    return seeds
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, flags: Sequence[str]) -> None:
+    for flag in flags:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag}={getattr(args, flag)} must be at least 1")
-    return args
 
 
 def train_args(variant: str, workdir: str, steps: int, eval_every: int, extra: Sequence[str]) -> list[str]:

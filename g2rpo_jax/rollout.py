@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -230,12 +230,9 @@ class RolloutCollector:
         self.group_size = int(cfg.step.group_size)
         self.temperature = float(cfg.step.temperature)
         self.scfg, self.gcfg = cfg.sampling, cfg.guidance
-        self.model_cfg = model_cfg
-        self.sampler_dtype = cfg.sampling.dtype or None
-        if self.sampler_dtype:
-            self.sampler_cfg = model_cfg.replace(dtype=self.sampler_dtype, param_dtype=self.sampler_dtype)
-        else:
-            self.sampler_cfg = model_cfg
+        self.sampler_dtype = cfg.sampling.dtype or None  # None: the sampler runs as the train step does
+        self.sampler_cfg = (model_cfg.replace(dtype=self.sampler_dtype, param_dtype=self.sampler_dtype)
+                            if self.sampler_dtype else model_cfg)
         self.tokenizer, self.prepared, self.scorer, self.mesh = tokenizer, prepared, scorer, mesh
         self.pad_id = data.pad_token_id(tokenizer)
         self.eos_ids = data.stop_token_ids(tokenizer)

@@ -10,10 +10,17 @@ import json
 import os
 
 import jax
+import pytest
 
+from g2rpo_jax import eval as evaluation
 from g2rpo_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The real benchmark files, where `g2rpo_jax.eval` looks for them; tests that read them skip without.
+SHARED_DATA = evaluation.default_data_root()
+needs_shared_data = pytest.mark.skipif(
+    not os.path.isdir(SHARED_DATA),
+    reason=f"real benchmark files not found at {SHARED_DATA} (set G2RPO_SHARED_DATA to their folder)")
 CHAR_TOKENIZER = os.path.join(REPO, "experiments", "data", "addition_tokenizer")
 # A chat template of plain characters: the stand-in's character-level vocabulary spells it.
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"

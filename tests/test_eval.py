@@ -12,16 +12,13 @@ import pytest
 
 import g2rpo_jax.eval as evaluation
 from g2rpo_jax import models, rewards
+from tests import stand_in
 from tests.reference.pass_at_k_reference import (mean_pass_at_k, pass_at_k_by_enumeration,
                                                  pass_at_k_exact)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures", "eval")
-SHARED_DATA = os.environ.get("G2RPO_SHARED_DATA", os.path.join(REPO_ROOT, "..", "shared", "data"))
-needs_shared_data = pytest.mark.skipif(
-    not os.path.isdir(SHARED_DATA),
-    reason=f"real benchmark files not found at {SHARED_DATA} (set G2RPO_SHARED_DATA to their folder)",
-)
+needs_shared_data = stand_in.needs_shared_data
 IN_PROCESS_REWARDS = rewards.RewardSettings(num_workers=0)
 RECORD_FIELDS = {"task", "problem_id", "sample_index", "prompt", "completion", "reward", "passed",
                  "details", "num_tokens", "finish_reason"}

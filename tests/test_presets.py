@@ -16,10 +16,7 @@ from tests import stand_in
 
 configs = stand_in.load_config_module("g2rpo")
 eval_configs = stand_in.load_config_module("eval")
-SHARED_DATA = os.environ.get("G2RPO_SHARED_DATA", os.path.join(stand_in.REPO, "..", "shared", "data"))
-needs_shared_data = pytest.mark.skipif(
-    not os.path.isdir(SHARED_DATA),
-    reason=f"real benchmark files not found at {SHARED_DATA} (set G2RPO_SHARED_DATA to their folder)")
+SHARED_DATA, needs_shared_data = stand_in.SHARED_DATA, stand_in.needs_shared_data
 # Every method once (`adaptive` is g2rpo_a's other name), spread so that every model and task
 # preset runs too: each distinct train step is compiled once, and both tasks share the sampler's.
 RUNS = [("qwen3_0_6b_math", "sft"), ("qwen3_0_6b_math", "grpo"), ("qwen3_0_6b_math", "grpo_mu2"),
