@@ -29,6 +29,10 @@ is sampled in one sampler call. The options (config keys, checked by `validate_o
   sampling.dtype         the sampler's dtype ('' = model.dtype); e.g. bf16 sampling for an f32
                          train step. The step logs the log-prob drift (`mismatch/*`) and can
                          correct it (`step.tis`).
+  sampling.chunk_rows    rollouts per sampler call (0 = all of a round in one call). With several
+                         chunks and a reward pool, chunk i is decoded and scored in the background
+                         while chunk i+1 samples (`pipelined`, as evaluation does). A rollout's
+                         noise depends on its position in the round, not on the chunking.
 
 Rewards always score the guide and the continuation together (the text the rollout stands for),
 so the placement changes only what the loss trains on and what log-probs condition on.
@@ -36,16 +40,17 @@ so the placement changes only what the loss trains on and what log-probs conditi
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 
-from g2rpo_jax import data, guidance, models, sampling
+from g2rpo_jax import advantages, data, guidance, guided_rollouts, models, sampling
 from g2rpo_jax import train_step as train_step_lib
 
 PLACEMENTS = ("completion", "prompt")
@@ -106,8 +111,7 @@ def all_fail_groups(accuracy: np.ndarray, group_size: int) -> np.ndarray:
 
 def informative_groups(accuracy: np.ndarray, group_size: int) -> np.ndarray:
     """bool [N / G]: groups whose accuracy rewards are not all equal (a non-zero advantage spread)."""
-    grouped = np.asarray(accuracy, np.float64).reshape(-1, group_size)
-    return grouped.max(axis=1) != grouped.min(axis=1)
+    return ~np.asarray(advantages.zero_std_groups(np.asarray(accuracy, np.float32), group_size))
 
 
 def fill_order(informative: np.ndarray, num_groups: int) -> np.ndarray:
@@ -197,6 +201,34 @@ def to_batch(rollouts: Rollouts, pad_id: int) -> train_step_lib.RolloutBatch:
     )
 
 
+# ----------------------------------------------------------------------------- guide lengths and the SFT baseline's batch
+
+
+def guide_lengths(guidance_state, gcfg: ml_collections.ConfigDict, rows) -> list[int]:
+    """ℓ for each prompt row: the problem's own with guidance.per_problem, else the global one."""
+    if gcfg.mode == "none":
+        return [0] * len(rows)
+    lengths = guidance.row_lengths(guidance_state, np.asarray(rows, np.int32))
+    return [int(n) for n in jax.device_get(lengths)]
+
+
+def reference_batch(cfg, prepared, rows, tokenizer):
+    """The SFT baseline's batch: each prompt's reference trajectory as its completion, ended by the
+    stop token when it fits the budget (so the model learns to stop). No sampling, no rewards."""
+    max_new = cfg.sampling.max_new_tokens
+    pad_id = data.pad_token_id(tokenizer)
+    stop_id = data.stop_token_ids(tokenizer)[0]
+    prompts = [list(prepared.prompt_ids[r]) for r in rows]
+    completions = [list(prepared.trajectory_ids[r])[:max_new] for r in rows]
+    completions = [c + [stop_id] if len(c) < max_new else c for c in completions]
+    completion_tokens, completion_mask = pad_rows(completions, max_new, pad_id, left=False)
+    prompt_tokens, prompt_mask = pad_rows(prompts, sampling.bucket_length(max(map(len, prompts))), pad_id)
+    batch = train_step_lib.make_batch(prompt_tokens, prompt_mask, completion_tokens, completion_mask,
+                                      np.zeros(len(rows), np.float32))
+    info = dict(per_kind={}, stats={}, sample_s=0.0, reward_s=0.0, lengths=completion_mask.sum(axis=1))
+    return batch, info
+
+
 # ----------------------------------------------------------------------------- sampling options
 
 
@@ -217,6 +249,10 @@ def validate_options(gcfg: ml_collections.ConfigDict, scfg: ml_collections.Confi
     rounds = scfg.refill_rounds
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
         raise ValueError(f"sampling.refill_rounds={rounds!r} is not valid; valid: an integer >= 0 (0 = off)")
+    chunk_rows = scfg.get("chunk_rows", 0)
+    if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 0:
+        raise ValueError(f"sampling.chunk_rows={chunk_rows!r} is not valid; valid: an integer >= 0 (0 = one "
+                         "sampler call per round)")
     if scfg.dtype:
         models.resolve_dtype(scfg.dtype, "sampling.dtype")
 
@@ -225,8 +261,11 @@ class RolloutCollector:
     """Samples and scores a step's rollouts under the config's guidance and sampling options."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, model_cfg, tokenizer, prepared: data.PreparedPrompts,
-                 scorer: Callable, mesh=None):
-        """scorer(texts, examples) -> (total [N], per_kind {name: [N]}, stats {event: count})."""
+                 scorer: Callable, mesh=None, overlap_scoring: bool = False):
+        """scorer(texts, examples) -> (total [N], per_kind {name: [N]}, stats {event: count}).
+        overlap_scoring: the scorer may run in a helper thread while the next chunk samples (true
+        for a reward pool; in-process math-verify needs the main thread for its timeouts)."""
+        self.overlap_scoring = overlap_scoring
         self.group_size = int(cfg.step.group_size)
         self.temperature = float(cfg.step.temperature)
         self.scfg, self.gcfg = cfg.sampling, cfg.guidance
@@ -255,10 +294,26 @@ class RolloutCollector:
         count = guide_token_count(self.gcfg.length_unit, int(length), len(trajectory), step_ends)
         return [int(t) for t in trajectory[:min(count, self.scfg.max_new_tokens)]]
 
-    # -- one sampler call
+    # -- sampler calls
 
     def sample(self, params, problem_ids: Sequence[int], guides: Sequence[Sequence[int]], key) -> Rollouts:
-        """One sampler call over N rollouts (problem row and guide ids per rollout), decoded and scored."""
+        """N rollouts (problem row and guide ids per rollout), sampled in chunks of
+        `sampling.chunk_rows`, decoded and scored; scoring overlaps sampling with a reward pool."""
+        count = len(problem_ids)
+        size = int(self.scfg.get("chunk_rows", 0)) or count
+        chunks = [range(start, min(start + size, count)) for start in range(0, count, size)]
+        parts: list[Rollouts] = []
+        pipelined(
+            chunks,
+            lambda rows: self._sample_chunk(params, [problem_ids[i] for i in rows], [guides[i] for i in rows],
+                                            key, rows.start),
+            lambda rows, sampled: self._score(*sampled),
+            lambda rows, sampled, scored: parts.append(scored),
+            overlap=self.overlap_scoring and len(chunks) > 1)
+        return parts[0] if len(parts) == 1 else Rollouts.concat(parts)
+
+    def _sample_chunk(self, params, problem_ids, guides, key, first_row: int):
+        """One sampler call: (problem ids, guides, prompts, sampler output)."""
         prompts = [tuple(self.prepared.prompt_ids[r]) for r in problem_ids]
         forced = guides
         if self.gcfg.placement == "prompt":  # the hint joins the prompt; nothing is forced
@@ -268,7 +323,12 @@ class RolloutCollector:
             self.sampler_cfg, params, prompts, forced, max_new_tokens=self.scfg.max_new_tokens,
             temperature=self.temperature, top_p=self.scfg.top_p, top_k=self.scfg.top_k, eos_ids=self.eos_ids,
             rng=key, pad_id=self.pad_id, mesh=self.mesh, score_guides=False,  # the train step recomputes them
+            first_row=first_row,
         )
+        return problem_ids, guides, prompts, out
+
+    def _score(self, problem_ids, guides, prompts, out) -> Rollouts:
+        """Decodes and scores one sampler call's rollouts (may run in `pipelined`'s helper thread)."""
         start = time.perf_counter()
         sequences = [out.tokens[i, : out.lengths[i]] for i in range(len(prompts))]
         if self.gcfg.placement == "prompt":  # rewards see the guide in both placements
@@ -290,7 +350,7 @@ class RolloutCollector:
         """The G rollouts of each prompt in `rows`, guided as the trigger says (`lengths`: ℓ per row)."""
         assign_key, sample_key = jax.random.split(key)
         alpha = self.gcfg.alpha if max(lengths, default=0) > 0 else 0.0
-        guided = np.asarray(guidance.assign_guided(assign_key, len(rows), self.group_size, alpha))
+        guided = np.asarray(guided_rollouts.assign_guided(assign_key, len(rows), self.group_size, alpha))
         problem_ids = np.repeat(np.asarray(rows, np.int32), self.group_size)
         group_guides = [self.guide(r, n) for r, n in zip(rows, lengths)]
         guides = [group_guides[i // self.group_size] if guided[i] else [] for i in range(len(problem_ids))]
@@ -349,3 +409,47 @@ class RolloutCollector:
         info = dict(per_kind=rollouts.per_kind, stats=rollouts.stats, lengths=rollouts.mask.sum(axis=1),
                     sample_s=elapsed - self.reward_seconds, reward_s=self.reward_seconds, metrics=metrics)
         return rollouts, info
+
+
+# ----------------------------------------------------------------------------- sample while scoring
+
+Chunk = TypeVar("Chunk")
+Sampled = TypeVar("Sampled")
+Scored = TypeVar("Scored")
+
+
+def pipelined(chunks: Iterable[Chunk], sample_fn: Callable[[Chunk], Sampled],
+              score_fn: Callable[[Chunk, Sampled], Scored], record_fn: Callable[[Chunk, Sampled, Scored], None],
+              overlap: bool = True) -> None:
+    """Samples every chunk, scores it and records the result, scoring chunk i while chunk i+1 samples.
+
+    For each chunk in order: sampled = sample_fn(chunk), scored = score_fn(chunk, sampled), then
+    record_fn(chunk, sampled, scored). With overlap, score_fn runs in one helper thread while the
+    calling thread samples the next chunk (device work that releases the GIL overlaps host work),
+    so at most two chunks are in flight; sample_fn and record_fn always run in the calling thread,
+    and record_fn sees the chunks in their order, exactly as the sequential loop (overlap=False,
+    everything in the calling thread) would. score_fn must then be safe to call from another
+    thread: e.g. math-verify's signal-based timeouts need the main thread, a process pool does not.
+
+    An exception from any of the three functions propagates to the caller; the helper thread is
+    shut down first (a queued score is cancelled, a running one awaited), so none outlives the call.
+    The chunks recorded by then are a prefix of the chunk order; with overlap, a failure while
+    sampling chunk i+1 also leaves chunk i unrecorded.
+    """
+    if not overlap:
+        for chunk in chunks:
+            sampled = sample_fn(chunk)
+            record_fn(chunk, sampled, score_fn(chunk, sampled))
+        return
+    scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipelined-score")
+    pending = None  # (chunk, sampled, future of its score)
+    try:
+        for chunk in chunks:
+            sampled = sample_fn(chunk)
+            previous, pending = pending, (chunk, sampled, scorer.submit(score_fn, chunk, sampled))
+            if previous is not None:
+                record_fn(previous[0], previous[1], previous[2].result())
+        if pending is not None:
+            record_fn(pending[0], pending[1], pending[2].result())
+    finally:
+        scorer.shutdown(wait=True, cancel_futures=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from g2rpo_jax import models
 from g2rpo_jax import sharding as sharding_lib
-from g2rpo_jax.models.config import Qwen3Config
+from g2rpo_jax.models.config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -137,14 +137,6 @@ def draw_tokens(logits: jax.Array, uniforms: jax.Array, temperature: float, top_
     return jnp.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def log_prob_of(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
-    """log_softmax(logits / temperature)[token] per row, float32. [B, V], [B] -> [B]."""
-    scaled = logits.astype(jnp.float32) / temperature
-    best = jnp.max(scaled, axis=-1)
-    log_norm = best + jnp.log(jnp.sum(jnp.exp(scaled - best[:, None]), axis=-1))
-    return jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - log_norm
-
-
 def _guide_logprobs(cfg, params, hidden, prefill_tokens, guide_lengths, window, max_new_tokens, temperature):
     """Log-probs of the forced guide tokens from the prefill's hidden states. -> [B, L].
 
@@ -192,7 +184,7 @@ def _sample_and_write(state: _LoopState, logits: jax.Array, settings: _Settings,
     active = ~state.done
     write = active[:, None] & (jnp.arange(settings.max_new_tokens)[None, :] == state.lengths[:, None])  # [B, L]
     tokens = jnp.where(write, token[:, None], state.tokens)
-    logprob = log_prob_of(logits, token, settings.temperature)
+    logprob = models.log_softmax_at(logits, token, settings.temperature)  # [B]
     logprobs = jnp.where(write, logprob[:, None], state.logprobs)
     lengths = state.lengths + active.astype(jnp.int32)
     done = state.done | (active & settings.is_eos(token)) | (lengths >= settings.max_new_tokens)
@@ -200,7 +192,7 @@ def _sample_and_write(state: _LoopState, logits: jax.Array, settings: _Settings,
                          last_token=token, step=state.step + 1)
 
 
-def _prefill_rows(cfg: Qwen3Config, params, tokens, valid, cache_length: int, end_slot: int):
+def _prefill_rows(cfg: ModelConfig, params, tokens, valid, cache_length: int, end_slot: int):
     """Prefills left-padded rows [B, T] into a fresh cache so that they end at `end_slot`."""
     cache = models.init_cache(cfg, tokens.shape[0], cache_length, start_slot=end_slot - tokens.shape[1])
     return models.extend_cache(cfg, params, tokens, valid, cache)
@@ -213,7 +205,7 @@ def _join_rows(first, second):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_length", "guide_window", "guided_rows",
                                              "unguided_len", "rows_sharding"))
-def _prefill(cfg: Qwen3Config, params, prefill_tokens, prefill_valid, guide_tokens, guide_lengths, row_keys, *,
+def _prefill(cfg: ModelConfig, params, prefill_tokens, prefill_valid, guide_tokens, guide_lengths, row_keys, *,
              settings: _Settings, cache_length: int, guide_window: int, guided_rows: int, unguided_len: int,
              rows_sharding=None) -> _LoopState:
     """Runs prompt + guide through the model and samples the first token; returns the loop state.
@@ -261,7 +253,7 @@ def _prefill(cfg: Qwen3Config, params, prefill_tokens, prefill_valid, guide_toke
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "rows_sharding"), donate_argnames=("state",))
-def _decode(cfg: Qwen3Config, params, state: _LoopState, *, settings: _Settings, rows_sharding=None) -> _LoopState:
+def _decode(cfg: ModelConfig, params, state: _LoopState, *, settings: _Settings, rows_sharding=None) -> _LoopState:
     """Decodes until the cache is full or every row is done."""
     batch, cache_length = state.done.shape[0], state.cache.length
 
@@ -368,7 +360,7 @@ def _prefill_arrays(prompts, guides, padded_batch: int, max_new_tokens: int, pad
 
 
 def sample(
-    cfg: Qwen3Config,
+    cfg: ModelConfig,
     params,
     prompts: Sequence[Sequence[int]],
     guides: Optional[Sequence[Sequence[int]]] = None,
@@ -382,11 +374,14 @@ def sample(
     mesh=None,
     batch_multiple: int = 8,
     score_guides: bool = True,
+    first_row: int = 0,
 ) -> SampleOutput:
     """Generates one completion per prompt; guides[i] (token ids, may be empty) is forced first.
 
     score_guides=False leaves the log-probs of guide tokens at 0 and skips their projection onto
     the vocabulary, for callers that recompute log-probs anyway (the train step does).
+    Row i's noise comes from fold_in(rng, first_row + i): a caller that samples a batch in chunks
+    passes each chunk's first row and gets the same noise per row as one call would give.
     Shapes are bucketed (batch to a multiple of `batch_multiple` and of the mesh's batch axes,
     prompt + guide length and guide window to powers of two), so a run compiles few programs.
     """
@@ -414,7 +409,7 @@ def sample(
 
     settings = _Settings(max_new_tokens, float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids))
     # A row's noise comes from its index in `prompts`, wherever it sits in the batch.
-    row_ids = np.concatenate([order, np.arange(batch, padded_batch)]).astype(np.int32)
+    row_ids = first_row + np.concatenate([order, np.arange(batch, padded_batch)]).astype(np.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(row_ids))
     arrays = (prefill, valid, guide_tokens, guide_lengths, row_keys)
     rows_sharding = None

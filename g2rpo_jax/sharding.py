@@ -110,9 +110,10 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"], *([None] * (ndim - 1))))
 
 
-def batch_axis_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    """How many ways the leading batch axis is split: batches must be a multiple of this."""
-    return _axis_size(mesh, dict(rules)["batch"])
+def batch_axis_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+    """How many ways the leading batch axis is split (1 without a mesh): batches must be a multiple
+    of this."""
+    return 1 if mesh is None else _axis_size(mesh, dict(rules)["batch"])
 
 
 def initialize_distributed(enabled: bool) -> None:

@@ -34,8 +34,8 @@ from g2rpo_jax import sharding as sharding_lib
 @flax.struct.dataclass
 class TrainState:
     """step: int32 [] train steps done; params / opt_state: the policy and its optimizer state;
-    guidance: the guidance schedule (G²RPO-A's ℓ); rng: uint32 [2] raw threefry key data (raw
-    rather than a typed key so checkpoints hold a plain array; see `split_rng`)."""
+    guidance: the guidance schedule (G²RPO-A's ℓ); rng: uint32 [2] raw threefry key data, the run's
+    base key (raw rather than a typed key so checkpoints hold a plain array; see `step_key`)."""
 
     step: jax.Array
     params: Any
@@ -43,10 +43,11 @@ class TrainState:
     guidance: guidance_lib.GuidanceState
     rng: jax.Array
 
-    def split_rng(self) -> tuple["TrainState", jax.Array]:
-        """(state with a fresh rng, a key for this use): keys are never reused across steps."""
-        next_rng, key = jax.random.split(self.rng)
-        return self.replace(rng=next_rng), key
+    def step_key(self, step: int) -> jax.Array:
+        """The typed key of train step `step`'s randomness (sampling): the base key folded with the
+        step number, so each step draws fresh keys and a resumed run draws the same keys as an
+        uninterrupted one (the base key is restored with the state)."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), step)
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:

@@ -300,6 +300,26 @@ def test_limit_counts_kept_examples_and_local_errors(tmp_path):
         data.load_examples(str(bad), "gsm8k")
 
 
+def test_loading_a_dataset_imports_no_reward_machinery():
+    """Data shares only plain text helpers with the rewards (g2rpo_jax.task_format): loading a
+    dataset must not start the sandbox, the reward pool or math-verify. In a fresh interpreter,
+    so the modules other tests imported do not count."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        from g2rpo_jax import data
+        examples = data.load_examples({fixture("math.jsonl")!r}, "math")
+        heavy = [m for m in sys.modules if "sandbox" in m or "pool" in m or "math_verify" in m
+                 or m.startswith("g2rpo_jax.rewards")]
+        print(json.dumps({{"examples": len(examples), "heavy": heavy}}))
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["examples"] > 0
+    assert report["heavy"] == []
+
+
 def test_parquet_without_pyarrow_says_what_to_install(monkeypatch, tmp_path):
     path = tmp_path / "rows.parquet"
     path.write_bytes(b"")
@@ -370,8 +390,8 @@ def test_chat_prompt_thinking_on_and_off(qwen3_tokenizer):
     tok = qwen3_tokenizer
     instruction = data.DEFAULT_INSTRUCTIONS["math"]
     user = f"{MATH_EXAMPLE.prompt}\n\n{instruction}"
-    on = data.build_prompt(MATH_EXAMPLE, tok, enable_thinking=True)
-    off = data.build_prompt(MATH_EXAMPLE, tok, enable_thinking=False)
+    on = data.build_prompt(MATH_EXAMPLE, tok, data.PromptSettings(enable_thinking=True))
+    off = data.build_prompt(MATH_EXAMPLE, tok, data.PromptSettings(enable_thinking=False))
     default = data.build_prompt(MATH_EXAMPLE, tok)
     assert tok.decode(on) == chatml([("user", user)], thinking_off=False)
     assert tok.decode(off) == chatml([("user", user)], thinking_off=True)
@@ -388,19 +408,22 @@ def test_chat_prompt_thinking_on_and_off(qwen3_tokenizer):
 
 def test_chat_prompt_system_instruction_and_messages(qwen3_tokenizer):
     tok = qwen3_tokenizer
-    ids = data.build_prompt(MATH_EXAMPLE, tok, system="Be brief.", instruction="", enable_thinking=True)
+    settings = data.PromptSettings(system="Be brief.", instruction="", enable_thinking=True)
+    ids = data.build_prompt(MATH_EXAMPLE, tok, settings)
     assert tok.decode(ids) == chatml([("system", "Be brief."), ("user", MATH_EXAMPLE.prompt)], thinking_off=False)
     code_text = tok.decode(data.build_prompt(CODE_EXAMPLE, tok))
     assert data.DEFAULT_INSTRUCTIONS["code_assert"] in code_text and "```python" in code_text
     chat = data.Example(id="t", messages=({"role": "user", "content": "Hi there"},), answer="x")
-    assert tok.decode(data.build_prompt(chat, tok, enable_thinking=True)) == chatml([("user", "Hi there")], False)
+    thinking = data.PromptSettings(enable_thinking=True)
+    assert tok.decode(data.build_prompt(chat, tok, thinking)) == chatml([("user", "Hi there")], False)
     with pytest.raises(ValueError, match="template='jinja' is unknown; valid templates are"):
-        data.build_prompt(MATH_EXAMPLE, tok, template="jinja")
+        data.PromptSettings(template="jinja")
 
 
 def test_plain_prompt_has_no_chat_tokens(qwen3_tokenizer):
     tok = qwen3_tokenizer
-    ids = data.build_prompt(MATH_EXAMPLE, tok, template="plain", system="You are a careful solver.")
+    settings = data.PromptSettings(template="plain", system="You are a careful solver.")
+    ids = data.build_prompt(MATH_EXAMPLE, tok, settings)
     expected = (
         "You are a careful solver.\n\nQuestion:\n"
         f"{MATH_EXAMPLE.prompt}\n\n{data.DEFAULT_INSTRUCTIONS['math']}\n\nAnswer:\n"
@@ -459,7 +482,7 @@ def test_length_policy_drop_and_truncate_counts(caplog):
 def test_prepare_prompts_matches_per_example_build_and_counts_drops(qwen3_tokenizer, caplog):
     tok = qwen3_tokenizer
     examples = data.load_examples(fixture("math.jsonl"), "math") + data.load_examples(fixture("mbpp.jsonl"), "mbpp")
-    singles = [data.build_prompt(e, tok, enable_thinking=False) for e in examples]
+    singles = [data.build_prompt(e, tok, data.PromptSettings(enable_thinking=False)) for e in examples]
     limit = sorted(map(len, singles))[len(singles) // 2]
     with caplog.at_level(logging.WARNING):
         prepared = data.prepare_prompts(examples, tok, enable_thinking=False, max_prompt_tokens=limit)
@@ -469,6 +492,38 @@ def test_prepare_prompts_matches_per_example_build_and_counts_drops(qwen3_tokeni
     assert [list(ids) for ids in prepared.prompt_ids] == [singles[i] for i in kept]
     assert [list(t) for t in prepared.trajectory_ids] == [data.encode_trajectory(examples[i], tok) for i in kept]
     assert "prompt length policy" in caplog.text
+    same = data.prepare_prompts(examples, tok, data.PromptSettings(enable_thinking=False, max_prompt_tokens=limit))
+    assert same == prepared  # the settings form and the keyword form agree
+    with pytest.raises(TypeError, match="thinking"):
+        data.prepare_prompts(examples, tok, thinking=False)
+
+
+def test_prompt_settings_read_and_write_the_config_keys():
+    settings = data.PromptSettings.from_config(data.get_default_config(), "data")
+    assert settings == data.PromptSettings(max_prompt_tokens=1024)
+    assert (settings.template, settings.overlong) == ("chat", "drop")
+    assert (settings.system, settings.instruction, settings.enable_thinking) == (None, None, None)
+    assert data.PromptSettings(system="", max_prompt_tokens=0) == data.PromptSettings()  # the config's "none"
+    custom = data.PromptSettings(template="plain", system="S", instruction="", enable_thinking=False,
+                                 max_prompt_tokens=7, overlong="truncate_left")
+    assert data.PromptSettings.from_config(custom.as_config()) == custom
+    config = data.PromptSettings().as_config()
+    assert (config.system, config.max_prompt_tokens, config.instruction, config.enable_thinking) == ("", 0, None, None)
+    config.enable_thinking, config.instruction = False, "Go."  # typed placeholders take overrides of their type
+    with pytest.raises(TypeError):
+        config.enable_thinking = "yes"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("template", "jinja", "data.template='jinja' is unknown; valid templates are"),
+    ("overlong", "cut", "data.overlong='cut' is unknown; valid policies are"),
+    ("max_prompt_tokens", -1, "data.max_prompt_tokens=-1 must be None, 0"),
+])
+def test_prompt_settings_refuse_bad_values_naming_the_key(key, value, message):
+    cfg = data.get_default_config()
+    cfg[key] = value
+    with pytest.raises(ValueError, match=message):
+        data.PromptSettings.from_config(cfg, "data")
 
 
 # ----------------------------------------------------------------------------- iterator

@@ -3,15 +3,17 @@
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 import g2rpo_jax.eval as evaluation
-from g2rpo_jax import models, rewards
+from g2rpo_jax import data, models, rewards
 from tests import stand_in
 from tests.reference.pass_at_k_reference import (mean_pass_at_k, pass_at_k_by_enumeration,
                                                  pass_at_k_exact)
@@ -183,9 +185,10 @@ def test_file_task_path_is_tried_as_given_then_under_the_data_root(fixture_data_
 
 def test_gold_solutions_score_pass_at_1_of_one_on_fixtures(fixture_data_root, tmp_path):
     tasks = ["math500", "humaneval", "mbpp", f"file:{FIXTURES}/humaneval_style.jsonl:humaneval"]
-    summary = evaluation.evaluate(
-        None, None, None, tasks, completions_fn=gold_hook, num_samples=2, data_root=fixture_data_root,
-        batch_size=4, output_dir=str(tmp_path), reward_settings=rewards.RewardSettings(num_workers=2))
+    settings = evaluation.EvalSettings(num_samples=2, data_root=fixture_data_root, batch_size=4,
+                                       rewards=rewards.RewardSettings(num_workers=2))
+    summary = evaluation.evaluate(None, None, None, tasks, settings, completions_fn=gold_hook,
+                                  output_dir=str(tmp_path))
     assert set(summary["tasks"]) == {"math500", "humaneval", "mbpp", "humaneval_style"}
     for name, task in summary["tasks"].items():
         assert task["pass@1"] == 1.0 and task["pass@2"] == 1.0, name
@@ -211,9 +214,10 @@ def test_partial_correctness_gives_reference_pass_at_k(tiny_model, fixture_data_
         return [[gold_completion(e) if s < right_count[e.id] else wrong_completion(e) for s in range(num)]
                 for e in examples]
 
-    summary = evaluation.evaluate(None, None, tokenizer, [task], completions_fn=mixed, num_samples=k,
-                                  pass_k=[1, 2, 3], batch_size=4, output_dir=str(tmp_path),
-                                  reward_settings=rewards.RewardSettings(num_workers=reward_workers))
+    settings = evaluation.EvalSettings(num_samples=k, pass_k=(1, 2, 3), batch_size=4,
+                                       rewards=rewards.RewardSettings(num_workers=reward_workers))
+    summary = evaluation.evaluate(None, None, tokenizer, [task], settings, completions_fn=mixed,
+                                  output_dir=str(tmp_path))
     counts = [(k, right_count[e.id]) for e in task.examples]
     metrics = summary["tasks"]["math500"]
     for kk in (1, 2, 3):
@@ -229,8 +233,9 @@ def test_gold_solutions_score_pass_at_1_of_one_on_real_benchmarks(tmp_path):
     # Real MATH500 / AIME / GSM8K answers and HumanEval / MBPP reference code, a few of each.
     tasks = [evaluation.load_task(name, limit=limit) for name, limit in
              [("math500", 8), ("aime24", 3), ("aime25", 3), ("gsm8k", 3), ("humaneval", 5), ("mbpp", 3)]]
-    summary = evaluation.evaluate(None, None, None, tasks, completions_fn=gold_hook, num_samples=1,
-                                  output_dir=str(tmp_path), reward_settings=IN_PROCESS_REWARDS)
+    settings = evaluation.EvalSettings(num_samples=1, rewards=IN_PROCESS_REWARDS)
+    summary = evaluation.evaluate(None, None, None, tasks, settings, completions_fn=gold_hook,
+                                  output_dir=str(tmp_path))
     for name, task in summary["tasks"].items():
         assert task["pass@1"] == 1.0, name
     assert summary["tasks"]["mbpp"]["num_problems"] == 3
@@ -239,8 +244,10 @@ def test_gold_solutions_score_pass_at_1_of_one_on_real_benchmarks(tmp_path):
 
 def test_completions_fn_with_the_wrong_shape_is_refused(fixture_data_root):
     with pytest.raises(ValueError, match="completions_fn must return 5 lists of num_samples=2"):
-        evaluation.evaluate(None, None, None, ["math500"], completions_fn=lambda ex, k: [["x"]] * len(ex),
-                            num_samples=2, data_root=fixture_data_root, reward_settings=IN_PROCESS_REWARDS)
+        evaluation.evaluate(None, None, None, ["math500"],
+                            evaluation.EvalSettings(num_samples=2, data_root=fixture_data_root,
+                                                    rewards=IN_PROCESS_REWARDS),
+                            completions_fn=lambda ex, k: [["x"]] * len(ex))
 
 
 # ----------------------------------------------------------------------------- with the model
@@ -249,9 +256,9 @@ def test_sampling_is_reproducible_per_seed(tiny_model, fixture_data_root, tmp_pa
     cfg, params, tokenizer = tiny_model
 
     def completions(seed, folder):
-        evaluation.evaluate(cfg, params, tokenizer, ["math500"], num_samples=2, max_new_tokens=8,
-                            batch_size=8, limit=3, seed=seed, data_root=fixture_data_root,
-                            output_dir=str(tmp_path / folder), reward_settings=IN_PROCESS_REWARDS)
+        settings = evaluation.EvalSettings(num_samples=2, max_new_tokens=8, batch_size=8, limit=3, seed=seed,
+                                           data_root=fixture_data_root, rewards=IN_PROCESS_REWARDS)
+        evaluation.evaluate(cfg, params, tokenizer, ["math500"], settings, output_dir=str(tmp_path / folder))
         records = read_jsonl(tmp_path / folder / "generations.jsonl")
         return {(r["problem_id"], r["sample_index"]): r["completion"] for r in records}
 
@@ -292,8 +299,9 @@ def test_config_file_overrides_and_plain_flags(tmp_path):
         "aime24,aime25", 8, False, 0.5)
     defaults = evaluation.parse_command_line(["prog", "--config.top_k=5"])
     assert (defaults.top_k, defaults.temperature, defaults.tasks) == (5, 0.6, "math500")
-    options = evaluation.evaluate_options(defaults)
-    assert options["top_k"] == 5 and options["reward_settings"].num_workers == 2
+    settings = evaluation.EvalSettings.from_config(defaults)
+    assert settings.top_k == 5 and settings.rewards.num_workers == 2 and settings.prompt.max_prompt_tokens is None
+    assert evaluation.evaluate_options(defaults) == settings
     with pytest.raises(ValueError, match="checkpoint=''"):
         evaluation.run(defaults)
 
@@ -303,3 +311,61 @@ def test_module_entry_point_prints_usage():
                             text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--checkpoint DIR --tasks" in result.stdout and "num_samples" in result.stdout
+
+
+def test_module_entry_point_shows_progress_on_stderr(tiny_eval_checkpoint, tmp_path):
+    """Under `python -m` the progress lines (problems, rows, rows/s, ETA) reach stderr."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "g2rpo_jax.eval", "--checkpoint", tiny_eval_checkpoint,
+               "--tasks", f"file:{FIXTURES}/math500_style.jsonl:math", "--limit", "2", "--num_samples", "2",
+               "--batch_size", "2", "--max_new_tokens", "4", "--output_dir", str(out),
+               "--config.rewards.num_workers=0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    progress = re.findall(r"g2rpo_jax\.eval: eval math500_style: (\d)/2 problems, (\d)/4 rows \(\d+%\), "
+                          r"[\d.]+ rows/s, \S+ elapsed, ETA \S+", result.stderr)
+    assert progress == [("1", "2"), ("2", "4")], result.stderr
+    assert "| math500_style | 2 | 2 |" in result.stdout and "rows/s" not in result.stdout
+
+
+def test_progress_line_counts_problems_rows_rate_and_eta():
+    line = evaluation.progress_line("math500", 3, 10, 14, 40, 7.0)
+    assert line == "eval math500: 3/10 problems, 14/40 rows (35%), 2.00 rows/s, 7s elapsed, ETA 13s"
+    assert evaluation.progress_line("t", 0, 1, 0, 4, 0.0).endswith("0.00 rows/s, 0s elapsed, ETA ?")
+    assert [evaluation.format_duration(s) for s in (0.4, 59, 61, 3599, 3600 * 2 + 5 * 60)] == [
+        "0s", "59s", "1m01s", "59m59s", "2h05m"]
+
+
+def test_eval_settings_from_the_config_and_their_errors():
+    config = evaluation.get_default_config()
+    assert evaluation.EvalSettings.from_config(config) == evaluation.EvalSettings()
+    config.update({"pass_k": "4,1", "limit": 0, "data_root": ""})
+    config.prompt.update({"system": "Be brief.", "max_prompt_tokens": 0, "enable_thinking": False})
+    settings = evaluation.EvalSettings.from_config(config)
+    assert (settings.pass_k, settings.limit, settings.data_root) == ((4, 1), None, None)
+    assert settings.prompt == data.PromptSettings(system="Be brief.", enable_thinking=False)
+    assert evaluation.EvalSettings(pass_k="2") == evaluation.EvalSettings(pass_k=[2])
+    config.prompt.template = "jinja"
+    with pytest.raises(ValueError, match="eval.prompt.template='jinja' is unknown"):
+        evaluation.EvalSettings.from_config(config, "eval")
+    config.prompt.template, config.num_samples = "chat", 0
+    with pytest.raises(ValueError, match="eval.num_samples=0 must be >= 1"):
+        evaluation.EvalSettings.from_config(config, "eval")
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        evaluation.EvalSettings(batch_size=0)
+
+
+def test_training_loops_periodic_eval_follows_the_eval_section(tiny_model, fixture_data_root, tmp_path):
+    from g2rpo_jax import train  # noqa: PLC0415 (only this test needs the training loop)
+
+    cfg_model, params, tokenizer = tiny_model
+    cfg = ml_collections.ConfigDict({"eval": evaluation.get_default_config()})
+    # The sampler shapes of test_sampling_is_reproducible_per_seed: its compiled program is reused.
+    cfg.eval.update({"num_samples": 2, "max_new_tokens": 8, "batch_size": 8})
+    cfg.eval.rewards.num_workers = 0
+    tasks = [evaluation.load_task("math500", fixture_data_root, limit=3)]
+    settings = evaluation.EvalSettings.from_config(cfg.eval, "eval")  # as the loop builds it at start-up
+    flat = train.periodic_eval(settings, cfg_model, params, tokenizer, tasks, None, None, 5, str(tmp_path))
+    assert flat["eval/math500/num_problems"] == 3 and 0 <= flat["eval/average/pass@1"] <= 1
+    records = read_jsonl(tmp_path / "eval" / "step_5" / "generations.jsonl")
+    assert len(records) == 6 and all(r["step"] == 5 and r["num_tokens"] <= 8 for r in records)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from g2rpo_jax import grpo
+from g2rpo_jax import grpo, partial_metrics
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "reference"))
 from grpo_numpy import (  # noqa: E402
@@ -22,7 +22,6 @@ from grpo_numpy import (  # noqa: E402
     mismatch_metrics_ref,
     policy_loss_ref,
     tis_weights_ref,
-    token_entropy_ref,
 )
 
 B, T, G = 8, 10, 2
@@ -187,6 +186,11 @@ def test_policy_loss_and_gradient_match_reference(loss_type, guided, kl, importa
     assert np.all(np.asarray(grad)[INPUTS["mask"] == 0] == 0)
 
 
+def stack_parts(parts: list[dict]) -> dict:
+    """Micro-batch metric parts stacked along a leading axis, as `lax.scan` would return them."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+
+
 def test_bnpo_and_dapo_agree_on_a_full_batch():
     bnpo, _ = jax_loss(INPUTS, loss_type="bnpo")
     dapo, _ = jax_loss(INPUTS, loss_type="dapo")
@@ -266,6 +270,7 @@ def test_micro_batches_sum_to_full_batch(loss_type, num_micro_batches):
                 arrays["mask"][rows],
                 guided_mask=arrays["guided_mask"][rows],
                 normalizer=normalizer,
+                parts=True,
                 **options,
             )
 
@@ -287,9 +292,8 @@ def test_micro_batches_sum_to_full_batch(loss_type, num_micro_batches):
             micro_grads.append(np.asarray(grad))
         np.testing.assert_allclose(sum(micro_losses), float(full_loss), rtol=0, atol=loss_rounding(INPUTS))
         np.testing.assert_allclose(np.concatenate(micro_grads), np.asarray(full_grad), rtol=1e-6, atol=1e-8)
-        stacked = {key: jnp.stack([m[key] for m in micro_metrics]) for key in grpo.METRIC_KEYS}
-        combined = grpo.combine_metrics(stacked)
-        expected = {key: float(value) for key, value in full_metrics.items()}
+        combined = grpo.combine_metrics(stack_parts(micro_metrics))
+        expected = {key: float(value) for key, value in partial_metrics.values(full_metrics).items()}
         assert_metrics_close(combined, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -378,20 +382,6 @@ def test_group_advantages_binary_rewards_follow_trl_formula():
     np.testing.assert_allclose(none, (groups - groups.mean(1, keepdims=True)).reshape(-1), atol=1e-7)
 
 
-# ----------------------------------------------------------------------------- entropy
-
-
-def test_token_entropy_matches_reference():
-    rng = np.random.default_rng(3)
-    logits = rng.normal(0.0, 3.0, (3, 5, 11)).astype(np.float32)  # [B, T, V]
-    mask = (rng.uniform(size=(3, 5)) < 0.6).astype(np.float32)
-    value = grpo.token_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(mask))
-    assert value.dtype == jnp.float32
-    expected = token_entropy_ref(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)), mask)
-    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
-    assert float(grpo.token_entropy(jnp.asarray(logits), jnp.zeros((3, 5)))) == 0.0
-
-
 # ----------------------------------------------------------------------------- errors
 
 
@@ -418,7 +408,7 @@ def test_misaligned_groups_raise_naming_both_numbers():
             lambda: grpo.policy_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), None, jnp.zeros(2), jnp.ones((2, 3))),
             r"ref_logprobs=None.*beta=0.04",
         ),
-        (lambda: grpo.combine_metrics({"loss": jnp.zeros(2)}), r"missing.*num_sequences"),
+        (lambda: grpo.combine_metrics({"loss": jnp.zeros(2)}), r"metric 'loss' is a .* not a partial metric"),
     ],
 )
 def test_bad_options_raise_value_error_naming_value_and_options(call, pattern):
@@ -794,7 +784,8 @@ def test_objective_options_accumulate_exactly(loss_type, num_micro_batches):
         return grpo.policy_loss(
             logprobs, arrays["old_logprobs"][rows], arrays["ref_logprobs"][rows], arrays["advantages"][rows],
             arrays["mask"][rows], guided_mask=arrays["guided_mask"][rows], entropy=arrays["entropy"][rows],
-            policy_mask=selected[rows], normalizer=normalizer, guide_normalizer=guide_normalizer, **options,
+            policy_mask=selected[rows], normalizer=normalizer, guide_normalizer=guide_normalizer, parts=True,
+            **options,
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -813,7 +804,8 @@ def test_objective_options_accumulate_exactly(loss_type, num_micro_batches):
     np.testing.assert_allclose(sum(losses), float(full_loss), rtol=0, atol=option_rounding(inputs, 0.02, 0.3))
     np.testing.assert_array_less(np.abs(np.concatenate(grads) - np.asarray(full_grad)),
                                  grad_rounding(inputs, 0.02, 0.3))
-    combined = grpo.combine_metrics({key: jnp.stack([m[key] for m in metrics]) for key in grpo.METRIC_KEYS})
+    full_metrics = partial_metrics.values(full_metrics)
+    combined = grpo.combine_metrics(stack_parts(metrics))
     assert_option_metrics(combined, {key: float(value) for key, value in full_metrics.items()}, inputs)
     assert float(full_metrics["num_guided_tokens"]) > 0
     assert float(full_metrics["clip_ratio/dual"]) > 0 or loss_type == "sft"  # sft has no ratio
@@ -1116,17 +1108,18 @@ def test_mismatch_metrics_combine_across_micro_batches(level, num_micro_batches)
         weights = None if level == "none" else tis_weights_of({k: v[rows] for k, v in inputs.items()}, level)
         _, loss_metrics = grpo.policy_loss(arrays["logprobs"][rows], arrays["old_logprobs"][rows], None,
                                            arrays["advantages"][rows], arrays["mask"][rows],
-                                           guided_mask=arrays["guided_mask"][rows], beta=0.0, tis_weights=weights)
+                                           guided_mask=arrays["guided_mask"][rows], beta=0.0, tis_weights=weights,
+                                           parts=True)
         drift = grpo.mismatch_metrics(arrays["old_logprobs"][rows], arrays["sampler_logprobs"][rows],
                                       arrays["mask"][rows], arrays["guided_mask"][rows], tis_weights=weights,
-                                      tis_level=level, tis_cap=TIS_CAP)
+                                      tis_level=level, tis_cap=TIS_CAP, parts=True)
         return {**loss_metrics, **drift}
 
-    full = metrics_of(slice(None))
+    full = partial_metrics.values(metrics_of(slice(None)))
     per_micro = B // num_micro_batches
     parts = [metrics_of(slice(i * per_micro, (i + 1) * per_micro)) for i in range(num_micro_batches)]
-    combined = grpo.combine_metrics({key: jnp.stack([part[key] for part in parts]) for key in full})
-    assert list(combined)[:len(grpo.METRIC_KEYS)] == list(grpo.METRIC_KEYS) and set(combined) == set(full)
+    combined = grpo.combine_metrics(stack_parts(parts))
+    assert set(combined) == set(full) and set(grpo.METRIC_KEYS) <= set(full)
     tolerance = mismatch_rounding(inputs)
     assert_mismatch_close({k: v for k, v in combined.items() if k.startswith("mismatch/")},
                           {k: float(v) for k, v in full.items() if k.startswith("mismatch/")}, tolerance)
@@ -1148,9 +1141,8 @@ def test_mismatch_metrics_combine_across_micro_batches(level, num_micro_batches)
          r"cap=1e\+39 is not valid.*float32"),
         (lambda: grpo.mismatch_metrics(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)),
                                        tis_weights=jnp.ones((2, 3)), tis_level="tokens"), r"level='tokens'"),
-        (lambda: grpo.combine_metrics({**{key: jnp.zeros(2) for key in grpo.METRIC_KEYS},
-                                       "mismatch/k1": jnp.zeros(2)}),
-         r"missing \['mismatch/logprob_abs_diff', 'mismatch/logprob_max_abs_diff', 'mismatch/num_sampled_tokens'\]"),
+        (lambda: grpo.combine_metrics({"mismatch/k1": partial_metrics.Mean(jnp.zeros(2), jnp.zeros(3))}),
+         r"leaves of one shape \[k\]; got shapes \[\(2,\), \(3,\)\]"),
         (lambda: jax_loss(INPUTS, tis_weights=jnp.ones((B, T + 1))), r"shape"),
     ],
 )

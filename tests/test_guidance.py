@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from g2rpo_jax import guidance
+from g2rpo_jax import guidance, guided_rollouts
 from tests.reference import guidance_python as ref
 
 NUM_STEPS = 60
@@ -313,16 +313,16 @@ ALPHA_GROUP_SIZES = [(0.0, 8), (0.25, 8), (0.05, 8), (0.5, 3), (0.35, 10), (1.0,
 @pytest.mark.parametrize("alpha, group_size", ALPHA_GROUP_SIZES)
 def test_assign_guided_exact_count_per_group(alpha, group_size):
     num_groups = 6
-    guided = np.asarray(guidance.assign_guided(jax.random.key(0), num_groups, group_size, alpha))
+    guided = np.asarray(guided_rollouts.assign_guided(jax.random.key(0), num_groups, group_size, alpha))
     assert guided.shape == (num_groups * group_size,) and guided.dtype == bool
     expected = ref.guided_count(alpha, group_size)
-    assert guidance.guided_per_group(alpha, group_size) == expected
+    assert guided_rollouts.guided_per_group(alpha, group_size) == expected
     np.testing.assert_array_equal(guided.reshape(num_groups, group_size).sum(axis=1),
                                   np.full((num_groups,), expected))
 
 
 def test_assign_guided_is_deterministic_and_varies_with_rng():
-    draw = functools.partial(guidance.assign_guided, num_groups=20, group_size=8, alpha=0.25)
+    draw = functools.partial(guided_rollouts.assign_guided, num_groups=20, group_size=8, alpha=0.25)
     first = np.asarray(draw(jax.random.key(7)))
     np.testing.assert_array_equal(first, np.asarray(draw(jax.random.key(7))))
     others = [np.asarray(draw(jax.random.key(seed))) for seed in range(8, 12)]
@@ -332,53 +332,21 @@ def test_assign_guided_is_deterministic_and_varies_with_rng():
 
 
 def test_assign_guided_positions_are_uniform_within_groups():
-    guided = np.asarray(guidance.assign_guided(jax.random.key(3), 4000, 8, 0.25)).reshape(4000, 8)
+    guided = np.asarray(guided_rollouts.assign_guided(jax.random.key(3), 4000, 8, 0.25)).reshape(4000, 8)
     np.testing.assert_allclose(guided.mean(axis=0), np.full((8,), 0.25), atol=0.03)
 
 
 def test_assign_guided_under_jit_matches_eager():
     key = jax.random.key(11)
-    jitted = jax.jit(functools.partial(guidance.assign_guided, num_groups=5, group_size=6, alpha=0.5))
+    jitted = jax.jit(functools.partial(guided_rollouts.assign_guided, num_groups=5, group_size=6, alpha=0.5))
     np.testing.assert_array_equal(np.asarray(jitted(key)),
-                                  np.asarray(guidance.assign_guided(key, 5, 6, 0.5)))
+                                  np.asarray(guided_rollouts.assign_guided(key, 5, 6, 0.5)))
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.01])
 def test_assign_guided_rejects_alpha_outside_unit_interval(alpha):
     with pytest.raises(ValueError, match="alpha"):
-        guidance.assign_guided(jax.random.key(0), 2, 4, alpha)
-
-
-def random_trajectories(seed, count):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, 30, size=(count,))
-    return [rng.integers(0, 1000, size=(n,)).tolist() for n in lengths]
-
-
-@pytest.mark.parametrize("length", [0, 1, 5, 17, 40])
-def test_guides_are_first_tokens_never_padded(length):
-    trajectories = random_trajectories(length, 24)
-    guided = np.asarray(guidance.assign_guided(jax.random.key(length), 4, 6, 0.5))
-    guides = guidance.guides_for_rollouts(trajectories, guided, length)
-    assert guides == ref.guide_prefixes(trajectories, guided.tolist(), length)
-    for guide, trajectory, flag in zip(guides, trajectories, guided):
-        assert len(guide) == (min(length, len(trajectory)) if flag else 0)
-        assert all(isinstance(token, int) for token in guide)
-
-
-def test_guides_accept_length_from_state():
-    gcfg = make_config(mode="fixed", initial_length=6)
-    trajectories = [[1, 2, 3], list(range(10, 30)), []]
-    guides = guidance.guides_for_rollouts(trajectories, [True, True, True],
-                                          guidance.length(guidance.init(gcfg)))
-    assert guides == ref.guide_prefixes(trajectories, [True, True, True], 6)
-
-
-def test_guides_reject_mismatched_flags():
-    with pytest.raises(ValueError, match="guided"):
-        guidance.guides_for_rollouts([[1, 2], [3]], [True], 2)
-    with pytest.raises(ValueError, match="length"):
-        guidance.guides_for_rollouts([[1, 2]], [True], -1)
+        guided_rollouts.assign_guided(jax.random.key(0), 2, 4, alpha)
 
 
 @pytest.mark.parametrize("guided_pattern", ["mixed", "all", "none"])
@@ -394,7 +362,7 @@ def test_guidance_metrics_match_reference(guided_pattern):
     guide_lengths = np.where(guided, rng.integers(0, width + 1, size=(n,)), 0)
     guided_token_mask = (np.arange(width)[None, :] < guide_lengths[:, None]).astype(np.int32)
 
-    got = jax.jit(guidance.guidance_metrics)(jnp.int32(7), rewards, advantages, guided,
+    got = jax.jit(guided_rollouts.guidance_metrics)(jnp.int32(7), rewards, advantages, guided,
                                              completion_mask, guided_token_mask)
     expected = ref.metrics(7, rewards, advantages, guided, completion_mask, guided_token_mask)
     assert set(got) == set(expected)

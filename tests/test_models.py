@@ -1,4 +1,5 @@
-"""Qwen3 in Flax against transformers' PyTorch Qwen3ForCausalLM, plus checkpoint I/O, KV cache and sharding."""
+"""Qwen3 in Flax against transformers' PyTorch Qwen3ForCausalLM, plus checkpoint I/O, KV cache and sharding.
+The other families (Qwen2, Llama 3) are covered in test_model_families.py."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from jax.sharding import PartitionSpec
 from transformers import Qwen3ForCausalLM
 
 from g2rpo_jax import models, sharding
-from g2rpo_jax.models import qwen3
+from g2rpo_jax.models import rope
 from tests.reference import hf_models
 
 
@@ -107,29 +108,36 @@ def test_left_padded_forward_matches_unpadded_rows(tiny_checkpoint):
         np.testing.assert_allclose(padded[i, -len(row):], alone, atol=logit_rounding(cfg, alone))
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
+def assert_cache_decoding_matches_forward(cfg, params, prompt_lengths=(2, 6, 4), decode_steps=5):
     """Prefill into a cache whose first two slots stay empty, then decode one token at a time,
-    dropping those slots and growing the cache half-way, as the sampler does."""
-    path, _ = tiny_checkpoint
-    cfg, params = models.load_hf(path)
-    prompts = [list(random_tokens(cfg.vocab_size, (n,), seed=10 + n)) for n in (2, 6, 4)]
-    continuation = random_tokens(cfg.vocab_size, (3, 5), seed=99)
+    dropping those slots and growing the cache half-way, as the sampler does; every step's logits
+    equal the full forward's at that position."""
+    batch = len(prompt_lengths)
+    prompts = [list(random_tokens(cfg.vocab_size, (n,), seed=10 + n)) for n in prompt_lengths]
+    continuation = random_tokens(cfg.vocab_size, (batch, decode_steps), seed=99)
     tokens, valid = left_pad(prompts)
-    cache = models.init_cache(cfg, batch=3, length=tokens.shape[1] + 4, start_slot=2)
+    cache = models.init_cache(cfg, batch=batch, length=tokens.shape[1] + 4, start_slot=2)
     extend = jax.jit(lambda p, t, v, c: models.extend_cache(cfg, p, t, v, c))
     hidden, cache = extend(params, jnp.asarray(tokens), jnp.asarray(valid), cache)
     step_logits = [models.logits_from_hidden(cfg, params, hidden[:, -1])]
-    for step in range(continuation.shape[1]):
+    for step in range(decode_steps):
         if step == 2:
             cache = models.drop_leading_slots(cache, 2)
-            cache = models.grow_cache(cache, tokens.shape[1] + continuation.shape[1] + 3)
-        hidden, cache = extend(params, jnp.asarray(continuation[:, step:step + 1]), jnp.ones((3, 1), bool), cache)
+            cache = models.grow_cache(cache, tokens.shape[1] + decode_steps + 3)
+        hidden, cache = extend(params, jnp.asarray(continuation[:, step:step + 1]), jnp.ones((batch, 1), bool), cache)
         step_logits.append(models.logits_from_hidden(cfg, params, hidden[:, -1]))
     step_logits = np.stack([np.asarray(x) for x in step_logits], axis=1)  # [B, steps + 1, V]
+    forward = jax.jit(lambda p, t: models.forward(cfg, p, t))
     for i, prompt in enumerate(prompts):
-        full = np.asarray(models.forward(cfg, params, jnp.asarray([prompt + list(continuation[i])])))[0]
+        full = np.asarray(forward(params, jnp.asarray([prompt + list(continuation[i])])))[0]
         expected = full[len(prompt) - 1:]
         np.testing.assert_allclose(step_logits[i], expected, atol=logit_rounding(cfg, expected))
+
+
+def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    cfg, params = models.load_hf(path)
+    assert_cache_decoding_matches_forward(cfg, params)
 
 
 def test_cache_refuses_to_shrink_or_drop_too_much(tiny_checkpoint):
@@ -172,8 +180,8 @@ def test_logical_axes_cover_every_parameter(tiny_checkpoint):
 
 
 def test_rejects_other_architectures(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*supported.*qwen3"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"MistralForCausalLM.*supported.*Qwen3ForCausalLM"):
         models.load_hf(str(tmp_path))
 
 
@@ -238,7 +246,7 @@ def test_tokenizer_loads_from_checkpoint_directory(tiny_checkpoint, tmp_path):
 
 def test_rope_matches_closed_form():
     positions = jnp.asarray([[0, 3]])
-    sin, cos = qwen3.rope_tables(positions, head_dim=4, theta=100.0)
+    sin, cos = rope.rope_tables(positions, rope.inverse_frequencies(head_dim=4, theta=100.0))
     freqs = 1.0 / 100.0 ** (np.arange(0, 4, 2) / 4)
     np.testing.assert_allclose(np.asarray(sin)[0, 1], np.sin(3 * freqs), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(cos)[0, 1], np.cos(3 * freqs), rtol=1e-6)

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from g2rpo_jax import models, train, train_state
+from g2rpo_jax import models, resume, train, train_state
 from tests.test_train import REPO, demo_config, read_metrics
 
 TOTAL_STEPS = 8
@@ -44,7 +44,7 @@ def cli_flags(cfg, cache) -> list[str]:
     spec = importlib.util.spec_from_file_location("g2rpo_config", os.path.join(REPO, "experiments/configs/g2rpo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    changes = train.config_changes(train.config_as_dict(module.get_config("demo,adaptive")), train.config_as_dict(cfg))
+    changes = resume.config_changes(resume.config_as_dict(module.get_config("demo,adaptive")), resume.config_as_dict(cfg))
     return [f"--config.{key}={new}" for key, (_, new) in changes.items()] + [
         f"--config.mesh.compilation_cache_dir={cache}"]
 

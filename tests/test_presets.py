@@ -89,6 +89,9 @@ def test_derived_totals_follow_command_line_overrides():
     assert (cfg.run.total_steps, cfg.guidance.total_steps, cfg.optim.total_steps, cfg.optim.warmup_steps) == (
         500, 50, 70, 3)
     assert json.loads(cfg.to_json_best_effort())["optim"]["total_steps"] == 70  # plain values in config.json
+    demo = f"--config={os.path.join(stand_in.REPO, 'experiments/configs/g2rpo.py')}:demo,linear_decay"
+    cfg = parse_train_flags(demo, "--config.run.total_steps=2")
+    assert (cfg.optim.total_steps, cfg.guidance.total_steps) == (2, 2)  # ℓ decays to 0 over the 2 steps
 
 
 def test_names_are_checked_and_legacy_presets_keep_their_variants():
@@ -124,7 +127,7 @@ def at_test_size(cfg, files, workdir) -> None:
     cfg.model.checkpoint, cfg.data.source = files["checkpoint"], files[task]
     supervised = cfg.step.loss_type == "sft"
     cfg.data.batch_size, cfg.step.group_size = (16, 1) if supervised else (8, 2)
-    shards = train_step.batch_shard_count(sharding.make_mesh(dict(cfg.mesh.mesh)), tuple(cfg.mesh.rules))
+    shards = sharding.batch_axis_size(sharding.make_mesh(dict(cfg.mesh.mesh)), tuple(cfg.mesh.rules))
     cfg.step.micro_batch_size = shards * cfg.step.group_size
     cfg.sampling.max_new_tokens = 44  # a whole guide (≤ 34 characters of math, ≤ 38 of fenced code) fits
     cfg.run.update({"total_steps": 2, "eval_every": 0, "save_hf_at_end": False, "workdir": str(workdir)})
@@ -231,16 +234,17 @@ def test_gpqa_preset_scores_the_letter_in_the_box(tmp_path):
     root = tmp_path / "root"
     os.makedirs(root / "gpqa")
     os.symlink(os.path.join(stand_in.REPO, "tests/fixtures/eval/gpqa_style.jsonl"), root / eval_configs.GPQA_FILE)
-    options = dict(evaluation.evaluate_options(config), data_root=str(root), num_samples=2)
-    options["reward_settings"] = evaluation.rewards.RewardSettings(num_workers=0)
+    config.update({"data_root": str(root), "num_samples": 2})
+    config.rewards.num_workers = 0
+    settings = evaluation.EvalSettings.from_config(config)
 
     def answer_with(pick):
         return lambda examples, k: [[f"Reasoning. The answer is \\boxed{{{pick(e)}}}."] * k for e in examples]
 
-    gold = evaluation.evaluate(None, None, None, config.tasks, completions_fn=answer_with(lambda e: e.answer),
-                               **options)
-    wrong = evaluation.evaluate(None, None, None, config.tasks,
-                                completions_fn=answer_with(lambda e: "B" if e.answer != "B" else "C"), **options)
+    gold = evaluation.evaluate(None, None, None, config.tasks, settings,
+                               completions_fn=answer_with(lambda e: e.answer))
+    wrong = evaluation.evaluate(None, None, None, config.tasks, settings,
+                                completions_fn=answer_with(lambda e: "B" if e.answer != "B" else "C"))
     assert gold["tasks"]["gpqa_diamond"]["pass@1"] == 1.0 and gold["tasks"]["gpqa_diamond"]["num_problems"] == 3
     assert wrong["tasks"]["gpqa_diamond"]["pass@1"] == 0.0
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from g2rpo_jax import data, models, rewards, train, train_state
+from g2rpo_jax import data, models, resume, rewards, rollout, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,7 @@ def test_sft_baseline_fits_the_reference_trajectories(tmp_path):
     # Each row's completion is its trajectory, then the stop token, then padding.
     tokenizer = models.load_tokenizer(str(workdir / "random_init_model"))
     prepared = data.prepare_from_config(cfg.data, tokenizer)
-    batch, _ = train.reference_batch(cfg, prepared, [0, 5], tokenizer)
+    batch, _ = rollout.reference_batch(cfg, prepared, [0, 5], tokenizer)
     for row, index in enumerate([0, 5]):
         expected = list(prepared.trajectory_ids[index]) + [data.stop_token_ids(tokenizer)[0]]
         assert 0 < len(expected) < cfg.sampling.max_new_tokens
@@ -162,34 +162,34 @@ def test_checkpoints_of_the_earlier_layout_are_refused_at_start(tmp_path):
 
 
 def test_config_changes_separate_fixed_keys_from_allowed_ones(tmp_path):
-    saved = train.config_as_dict(demo_config(tmp_path))
+    saved = resume.config_as_dict(demo_config(tmp_path))
     cfg = demo_config(tmp_path)
     cfg.optim.learning_rate = 5e-5
     cfg.guidance.window = 5  # the adaptive rule's reward buffer: a shape in the saved state
     cfg.model.dtype = "bfloat16"
-    changes = train.config_changes(saved, train.config_as_dict(cfg))
+    changes = resume.config_changes(saved, resume.config_as_dict(cfg))
     assert changes["optim.learning_rate"] == (1e-4, 5e-5)
-    assert train.fixed_changes(changes, "adaptive") == ["guidance.window", "model.dtype"]
+    assert resume.fixed_changes(changes, "adaptive") == ["guidance.window", "model.dtype"]
     with pytest.raises(ValueError, match=r"guidance.window \(3 -> 5\), model.dtype \('float32' -> 'bfloat16'\) differ"):
-        train.check_resume_config(saved, train.config_as_dict(cfg), 7, str(tmp_path))
+        resume.check_resume_config(saved, resume.config_as_dict(cfg), 7, str(tmp_path))
     cfg = demo_config(tmp_path, variant="naive")  # fixed guidance: the window is not used
-    naive = train.config_as_dict(cfg)
+    naive = resume.config_as_dict(cfg)
     cfg.guidance.window = 5
     cfg.optim.max_grad_norm = 0.5  # clipping stays on: the optimizer state keeps its structure
-    assert train.fixed_changes(train.config_changes(naive, train.config_as_dict(cfg)), "fixed") == []
+    assert resume.fixed_changes(resume.config_changes(naive, resume.config_as_dict(cfg)), "fixed") == []
     cfg.optim.max_grad_norm = 0.0  # clipping off: a stage of the optimizer state goes away
-    changes = train.config_changes(naive, train.config_as_dict(cfg))
-    assert train.fixed_changes(changes, "fixed") == ["optim.max_grad_norm"]
+    changes = resume.config_changes(naive, resume.config_as_dict(cfg))
+    assert resume.fixed_changes(changes, "fixed") == ["optim.max_grad_norm"]
 
     # Keys added to the config since a run started: resumable at their defaults, fixed otherwise.
-    older = train.config_as_dict(demo_config(tmp_path))
+    older = resume.config_as_dict(demo_config(tmp_path))
     for key in ("per_problem", "length_unit", "placement"):
         del older["guidance"][key]
     cfg = demo_config(tmp_path)
     cfg.guidance.placement = "prompt"  # may change on resume: the state does not depend on it
-    assert train.fixed_changes(train.config_changes(older, train.config_as_dict(cfg)), "adaptive") == []
+    assert resume.fixed_changes(resume.config_changes(older, resume.config_as_dict(cfg)), "adaptive") == []
     cfg.guidance.update({"per_problem": True, "length_unit": "steps"})  # change what the state holds or means
-    assert train.fixed_changes(train.config_changes(older, train.config_as_dict(cfg)), "adaptive") == [
+    assert resume.fixed_changes(resume.config_changes(older, resume.config_as_dict(cfg)), "adaptive") == [
         "guidance.length_unit", "guidance.per_problem"]
 
 
@@ -197,9 +197,9 @@ def test_truncating_metrics_keeps_each_step_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "lo')  # cut by a kill
-    assert train.truncate_metrics(str(path), 2) == 3
+    assert resume.truncate_metrics(str(path), 2) == 3
     assert read_metrics(tmp_path) == records[:2]
-    assert train.truncate_metrics(str(path), 2) == 0 and not os.path.exists(str(path) + ".tmp")
+    assert resume.truncate_metrics(str(path), 2) == 0 and not os.path.exists(str(path) + ".tmp")
 
 
 def test_stop_requests_turn_the_first_signal_into_a_flag():

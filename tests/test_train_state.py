@@ -45,7 +45,7 @@ def advanced_state(optimizer, gcfg, seed=0):
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         state = state.replace(params=jax.tree.map(jnp.add, params, updates), opt_state=opt_state, step=jnp.int32(3))
         state = state.replace(guidance=guidance.update(state.guidance, jnp.float32(0.4), gcfg))
-        return state.split_rng()[0]
+        return state.replace(rng=jax.random.key_data(state.step_key(7)))
 
     params = _init_params(TINY, jax.random.key(seed))
     return advance(params, random_like(params, seed + 2))
@@ -144,12 +144,12 @@ def test_create_starts_at_step_zero_with_fresh_components():
     assert_states_equal(state.opt_state, optimizer.init(params))
     assert_states_equal(state.guidance, guidance.init(gcfg))
     np.testing.assert_array_equal(state.rng, jax.random.key_data(jax.random.key(5)))
-    # Typed and raw keys give the same state; split_rng never hands out the same key twice.
+    # Typed and raw keys give the same state; each step's key is the base key folded with the step.
     raw = train_state.create(params, optimizer, gcfg, jax.random.PRNGKey(5))
     np.testing.assert_array_equal(raw.rng, state.rng)
-    next_state, key = state.split_rng()
-    _, key2 = next_state.split_rng()
-    assert not np.array_equal(key, key2) and not np.array_equal(next_state.rng, state.rng)
+    keys = [jax.random.key_data(state.step_key(step)) for step in range(3)]
+    np.testing.assert_array_equal(keys[2], jax.random.key_data(jax.random.fold_in(jax.random.key(5), 2)))
+    assert len({tuple(np.asarray(k).tolist()) for k in keys}) == 3
     with pytest.raises(ValueError, match="rng must be a threefry key"):
         train_state.create(params, optimizer, gcfg, jnp.zeros((3,), jnp.uint32))
 

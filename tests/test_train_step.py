@@ -241,12 +241,13 @@ def test_micro_batch_layout_keeps_groups_whole_and_inverts():
 # ----------------------------------------------------------------------------- log-probs
 
 
-def test_logprobs_match_torch_teacher_forcing(model):
+def test_logprobs_and_entropy_match_torch_teacher_forcing(model):
+    """Log-probs and the entropy of each completion position against transformers' logits: both
+    are O(1) sums over the vocabulary in float32, so 1e-4 covers the two models' rounding."""
     cfg, params, _, torch_model = model
     batch = rollout_batch(2, seed=3)
-    ours = jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE, chunk_size=3))(
-        params, batch
-    )
+    ours, entropy = jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE,
+                                              chunk_size=3, with_entropy=True))(params, batch)
     prompt_len = np.asarray(batch.prompt_mask).sum(axis=1)
     completion_len = np.asarray(batch.completion_mask).sum(axis=1)
     checked = 0
@@ -256,8 +257,11 @@ def test_logprobs_match_torch_teacher_forcing(model):
         tokens = torch.as_tensor(np.concatenate([prompt, completion])[None], dtype=torch.long)
         with torch.no_grad():
             logprobs = torch.log_softmax(torch_model(tokens).logits[0].double() / TEMPERATURE, dim=-1).numpy()
-        expected = logprobs[prompt_len[b] - 1 + np.arange(completion_len[b]), completion]
+        positions = prompt_len[b] - 1 + np.arange(completion_len[b])
+        expected = logprobs[positions, completion]
         np.testing.assert_allclose(np.asarray(ours[b, : completion_len[b]]), expected, atol=1e-4, rtol=0)
+        expected_entropy = -(np.exp(logprobs[positions]) * logprobs[positions]).sum(axis=-1)
+        np.testing.assert_allclose(np.asarray(entropy[b, : completion_len[b]]), expected_entropy, atol=1e-4, rtol=0)
         checked += completion_len[b]
     assert checked > 20
 

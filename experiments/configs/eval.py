@@ -6,7 +6,7 @@ ARG (optional) is either a paper preset (below) or, as before, a comma-separated
 --config.rewards.num_workers=4 ... The plain flags (--checkpoint, --tasks, --output_dir,
 --num_samples, ...) are applied after these overrides.
 
-The defaults are the protocol stated in g2rpo_jax/eval.py: temperature 0.6, top-p 0.95, top-k 20
+The defaults are the protocol stated in g2rpo_jax/eval/settings.py: temperature 0.6, top-p 0.95, top-k 20
 (Qwen3's thinking-mode sampling), 4 samples per problem, 4096 new tokens, pass@1 and pass@4.
 
 Paper presets (`paper_<benchmark>`, and `paper_math` / `paper_code` for a task's whole set): the

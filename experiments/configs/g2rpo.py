@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
         "random_init": False,  # write a tiny random-init checkpoint into the workdir instead
         "random_init_tokenizer": "",  # its tokenizer directory ('' = Qwen3's); sets the vocabulary
         "random_init_seed": 0,
+        "random_init_architecture": "Qwen3ForCausalLM",  # or Qwen2ForCausalLM, LlamaForCausalLM
     })
     cfg.data = data.get_default_config()
     cfg.rewards = rewards.get_default_config()
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
         "max_new_tokens": 1024, "top_p": 1.0, "top_k": 0,
         "dtype": "",  # the sampler's dtype, '' = model.dtype (e.g. 'bfloat16' for an f32 train step)
         "refill_rounds": 0,  # dynamic sampling: extra rounds that replace zero-spread groups (0 = off)
+        "chunk_rows": 0,  # rollouts per sampler call, scored while the next chunk samples (0 = one call)
     })
     cfg.step = train_step.get_default_config()  # step.temperature is also the sampling temperature
     cfg.guidance = guidance.get_default_config()
@@ -116,9 +118,9 @@ def demo(cfg: ml_collections.ConfigDict) -> None:
     cfg.guidance.window = 3
     cfg.optim.learning_rate = 1e-4  # GRPO degrades on this task from about 2e-4
     cfg.optim.min_learning_rate = 1e-4  # constant
-    cfg.optim.total_steps = 300
     cfg.run.workdir = "runs/demo/g2rpo_a"
     cfg.run.total_steps = 300
+    cfg.optim.total_steps = cfg.run.get_ref("total_steps") * cfg.step.get_ref("num_iterations")  # follows both
     cfg.run.checkpoint_every = 100
     cfg.run.eval_every = 50
     cfg.run.save_hf_at_end = True
@@ -171,8 +173,8 @@ def apply_variant(cfg: ml_collections.ConfigDict, variant: str) -> None:
         cfg.guidance.mode = "fixed"
     if variant in ("adaptive", "ratio", "linear_decay"):
         cfg.guidance.mode = variant
-    if variant == "linear_decay":
-        cfg.guidance.total_steps = cfg.run.total_steps
+    if variant == "linear_decay":  # the decay horizon follows run.total_steps (a copy, not an alias)
+        cfg.guidance.total_steps = cfg.run.get_ref("total_steps") + 0
     if variant == "sft":  # supervised fine-tuning on the reference trajectories, one per prompt
         cfg.guidance.mode = "none"
         cfg.guidance.alpha = 0.0
@@ -300,8 +302,6 @@ def apply_method(cfg: ml_collections.ConfigDict, method: str) -> None:
     apply_variant(cfg, variant)
     if method in ("grpo_mu2", "clip_higher"):
         cfg.step.num_iterations = OFF_POLICY_ITERATIONS
-    if method == "linear_decay":  # apply_variant copied the value; keep following run.total_steps
-        cfg.guidance.total_steps = cfg.run.get_ref("total_steps") + 0
 
 
 def paper_config(preset: str, method: str) -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from g2rpo_jax.data.example import Example
 # One definition of "the final answer" for data and rewards: the last balanced \boxed{...}.
-from g2rpo_jax.rewards.math_answers import last_boxed as last_boxed_answer
+from g2rpo_jax.task_format import last_boxed as last_boxed_answer
 
 Record = Mapping[str, Any]
 Adapter = Callable[[Record], "Example | None"]

@@ -8,7 +8,7 @@ from ml_collections import config_dict
 
 from g2rpo_jax.data.iterator import BatchIterator, curriculum_ranks
 from g2rpo_jax.data.loading import load_examples
-from g2rpo_jax.data.prompts import PreparedPrompts, prepare_prompts
+from g2rpo_jax.data.prompts import PreparedPrompts, PromptSettings, prepare_prompts
 
 
 def get_default_config() -> config_dict.ConfigDict:
@@ -17,12 +17,9 @@ def get_default_config() -> config_dict.ConfigDict:
     cfg.adapter = "math"       # a key of g2rpo_jax.data.ADAPTERS
     cfg.split = ""             # HF split ('' = 'train'); must stay '' for local files
     cfg.limit = 0              # keep the first N usable examples (0 = all)
-    cfg.template = "chat"      # 'chat' (tokenizer's chat template) or 'plain' (base models)
-    cfg.system = ""            # system message ('' = none)
-    cfg.instruction = config_dict.placeholder(str)  # None = task default; '' = none
-    cfg.enable_thinking = config_dict.placeholder(bool)  # None = the chat template's default
-    cfg.max_prompt_tokens = 1024  # 0 = no limit
-    cfg.overlong = "drop"      # 'drop' or 'truncate_left'; counts are logged and reported
+    # template, system, instruction, enable_thinking, max_prompt_tokens (0 = no limit), overlong:
+    # see PromptSettings. Prompts over the limit are counted, logged and reported.
+    cfg.update(PromptSettings(max_prompt_tokens=1024).as_config())
     cfg.seed = 0               # shuffle seed (each epoch folds in its number)
     cfg.shuffle = True
     cfg.curriculum_key = ""    # '' = off; 'source', 'difficulty' or a metadata field
@@ -34,16 +31,7 @@ def get_default_config() -> config_dict.ConfigDict:
 def prepare_from_config(cfg: config_dict.ConfigDict, tokenizer: Any) -> PreparedPrompts:
     """Loads, adapts and tokenizes the configured dataset, applying the length policy."""
     examples = load_examples(cfg.source, cfg.adapter, split=cfg.split or None, limit=cfg.limit or None)
-    return prepare_prompts(
-        examples,
-        tokenizer,
-        template=cfg.template,
-        system=cfg.system or None,
-        instruction=cfg.instruction,
-        enable_thinking=cfg.enable_thinking,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        overlong=cfg.overlong,
-    )
+    return prepare_prompts(examples, tokenizer, PromptSettings.from_config(cfg, "data"))
 
 
 def iterator_from_config(

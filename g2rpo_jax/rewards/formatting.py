@@ -9,7 +9,7 @@ answer: a complete `\\boxed{...}` for math, a closed fenced python block for cod
 from __future__ import annotations
 
 from g2rpo_jax.rewards.code_tests import extract_program
-from g2rpo_jax.rewards.math_answers import THINK_CLOSE, THINK_OPEN, after_thinking, last_boxed
+from g2rpo_jax.task_format import THINK_CLOSE, THINK_OPEN, after_thinking, last_boxed
 
 FORMAT_KINDS = ("math", "code")
 

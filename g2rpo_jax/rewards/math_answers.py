@@ -36,11 +36,11 @@ import time
 import unicodedata
 
 from g2rpo_jax.rewards.outcome import RewardOutcome
+from g2rpo_jax.rewards.pool import helper_pool
+from g2rpo_jax.task_format import after_thinking, has_box, last_boxed
 
 ANSWER_SOURCES = ("boxed", "gsm8k", "answer_is")
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _PLAIN_INTEGER = re.compile(r"[+-]?[0-9]+")
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"answer is[ \t:]*([^\n]*)", re.IGNORECASE)
 _LEADING_NUMBER_RE = re.compile(r"^[-+]?(?:\d[\d,]*)?\.?\d+(?:/\d+)?%?")
@@ -83,41 +83,6 @@ class MathTimeout(BaseException):
 # ----------------------------------------------------------------------------------------------
 # Extraction.
 
-def _balanced_group(text: str, open_index: int) -> str | None:
-    """Content of the {...} group opening at `open_index`; None if it never closes.
-    Escaped braces (\\{ \\}) do not count."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1:i]
-        i += 1
-    return None
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}); None if there is none or it is cut off."""
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-    i = start + len(command)
-    while i < len(text) and text[i] in " \t":
-        i += 1
-    if i < len(text) and text[i] == "{":
-        return _balanced_group(text, i)
-    match = re.match(r"\S+", text[i:])  # "\boxed 5"
-    return match.group(0).rstrip("$.") if match else None
-
-
 def _clean_fallback(text: str) -> str | None:
     text = text.replace("$", "").replace("\\(", "").replace("\\)", "").replace("**", "").strip()
     text = text.rstrip(".").strip()
@@ -125,15 +90,6 @@ def _clean_fallback(text: str) -> str | None:
     if number:  # "72 apples" -> "72"; anything that does not start with a number is kept whole
         return number.group(0)
     return text or None
-
-
-def after_thinking(completion: str) -> str | None:
-    """The part of a completion that may hold its final answer: the text after the last
-    `</think>`, or the whole text when there is none; None when a `<think>` is still open there
-    (a reasoning cut off or never closed has no final answer, only tentative ones)."""
-    close = completion.rfind(THINK_CLOSE)
-    tail = completion if close < 0 else completion[close + len(THINK_CLOSE):]
-    return None if THINK_OPEN in tail else tail
 
 
 def extract_answer(completion: str, sources: tuple[str, ...] = ANSWER_SOURCES) -> str | None:
@@ -144,7 +100,7 @@ def extract_answer(completion: str, sources: tuple[str, ...] = ANSWER_SOURCES) -
         return None
     for source in sources:
         if source == "boxed":
-            if any(command in completion for command in _BOX_COMMANDS):
+            if has_box(completion):
                 return last_boxed(completion)
         else:
             pattern = _GSM8K_RE if source == "gsm8k" else _ANSWER_IS_RE
@@ -156,7 +112,7 @@ def extract_answer(completion: str, sources: tuple[str, ...] = ANSWER_SOURCES) -
 
 def gold_answer(answer: str) -> str:
     """The gold answer string: a boxed or '#### n' gold is reduced to its answer."""
-    if any(command in answer for command in _BOX_COMMANDS):
+    if has_box(answer):
         boxed = last_boxed(answer)
         if boxed is not None:
             return boxed.strip()
@@ -245,6 +201,12 @@ def _math_verify():
     config = (math_verify.LatexExtractionConfig(boxed_match_priority=0),
               math_verify.ExprExtractionConfig())
     return math_verify, config
+
+
+def warm_up() -> None:
+    """Import math-verify (and sympy) now, so that the import does not count against the time
+    limit of the first answer checked."""
+    _math_verify()
 
 
 def _parse(answer: str) -> list:
@@ -371,6 +333,8 @@ def _run_with_time_limit(fn, seconds: float):
 
 def math_outcome_in_main_thread(completion: str, answer: str,
                                 settings: MathSettings) -> RewardOutcome:
+    """`math_outcome` in the main thread of a process (the caller's, or a pool worker's), where
+    the time limit can be an interval timer."""
     predicted = extract_answer(completion, tuple(settings.answer_sources))
     if predicted is None or not predicted.strip():
         return RewardOutcome(0.0, parse_failure=True, detail="no final answer")
@@ -396,8 +360,6 @@ def math_outcome(completion: str, answer: str,
     settings = (settings or MathSettings()).validate()
     if threading.current_thread() is threading.main_thread():
         return math_outcome_in_main_thread(completion, answer, settings)
-    from g2rpo_jax.rewards.pool import helper_pool  # noqa: PLC0415 (pool imports this module)
-
     return helper_pool().score_math([(completion, answer)], settings)[0]
 
 

@@ -6,6 +6,9 @@ its hard deadline gets its worker killed and replaced. Math runs in the worker's
 its interval-timer limit works; code tasks only drive sandbox subprocesses, which die with the
 worker. One `run` at a time per pool (a lock), so a pool may be shared between threads. Workers are
 started as fresh interpreters, so the pool can be created from any script, test or notebook.
+
+The pool does not import what it runs: a worker serves the task kinds its entry point
+(`_worker.py`) names, so the rewards that use the pool may import it without a cycle.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from g2rpo_jax.rewards.outcome import RewardOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +55,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def _handle(kind: str, args: tuple) -> Any:
-    if kind == "math":
-        from g2rpo_jax.rewards.math_answers import math_outcome_in_main_thread  # noqa: PLC0415
-
-        return math_outcome_in_main_thread(*args)
-    if kind == "job":
-        from g2rpo_jax.rewards.code_tests import run_job  # noqa: PLC0415
-
-        return run_job(*args)
-    raise ValueError(f"task kind={kind!r}; valid: ('math', 'job')")
+def failure_outcome(failure: TaskFailure) -> RewardOutcome:
+    """The outcome of a scoring task that returned nothing: reward 0, the event counted."""
+    return RewardOutcome(0.0, timeouts=int(failure.reason == "timeout"),
+                         sandbox_errors=int(failure.reason == "error"), detail=failure.detail)
 
 
-def worker_main(fd: int, warm_up: bool, die_with_parent: bool) -> None:
+def worker_main(fd: int, handlers: Mapping[str, Callable[..., Any]],
+                warm_up: Callable[[], None] | None, die_with_parent: bool) -> None:
     """Entry point of a worker process (see _worker.py): serve tasks until told to stop or
-    until the parent's end of the connection closes."""
+    until the parent's end of the connection closes. A task (id, kind, args) is answered with
+    `handlers[kind](*args)`; `warm_up` runs once, before the worker says it is ready."""
     if die_with_parent:
         _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     conn = multiprocessing.connection.Connection(fd)
-    if warm_up:
-        from g2rpo_jax.rewards import math_answers  # noqa: PLC0415
-
-        math_answers._math_verify()  # pay the sympy import before the first deadline starts
+    if warm_up is not None:
+        warm_up()  # e.g. pay the sympy import before the first deadline starts
     conn.send("ready")
     while True:
         try:
@@ -83,7 +82,9 @@ def worker_main(fd: int, warm_up: bool, die_with_parent: bool) -> None:
             return
         task_id, kind, args = message
         try:
-            result = _handle(kind, args)
+            if kind not in handlers:
+                raise ValueError(f"task kind={kind!r}; valid: {tuple(handlers)}")
+            result = handlers[kind](*args)
         except Exception as e:  # noqa: BLE001 (reported to the parent as a task failure)
             result = TaskFailure("error", f"{type(e).__name__}: {e}"[:500])
         conn.send((task_id, result))
@@ -232,14 +233,9 @@ class RewardPool:
     # -- typed helpers ----------------------------------------------------------------------
     def score_math(self, pairs: Sequence[tuple[str, str]], settings) -> list:
         """RewardOutcomes for (completion, answer) pairs."""
-        from g2rpo_jax.rewards.outcome import RewardOutcome  # noqa: PLC0415
-
         hard = settings.timeout_s + MATH_HARD_SLACK_S
         results = self.run([("math", (c, a, settings), hard) for c, a in pairs])
-        return [r if not isinstance(r, TaskFailure) else RewardOutcome(
-                    0.0, timeouts=int(r.reason == "timeout"),
-                    sandbox_errors=int(r.reason == "error"), detail=r.detail)
-                for r in results]
+        return [failure_outcome(r) if isinstance(r, TaskFailure) else r for r in results]
 
 
 _helper: RewardPool | None = None

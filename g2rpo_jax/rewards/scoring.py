@@ -12,7 +12,8 @@ from g2rpo_jax.rewards.config import REWARD_NAMES, RewardSettings, validate_weig
 from g2rpo_jax.rewards.formatting import format_reward
 from g2rpo_jax.rewards.math_answers import math_outcome
 from g2rpo_jax.rewards.outcome import STAT_KEYS, RewardOutcome
-from g2rpo_jax.rewards.pool import CODE_HARD_SLACK_S, MATH_HARD_SLACK_S, RewardPool, TaskFailure
+from g2rpo_jax.rewards.pool import (CODE_HARD_SLACK_S, MATH_HARD_SLACK_S, RewardPool, TaskFailure,
+                                    failure_outcome)
 from g2rpo_jax.rewards.sandbox import log_protections_once, resolve_isolation
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,7 @@ def score_outcomes(completions: Sequence[str], examples: Sequence[Any],
     job_results: dict[int, list[JobResult]] = {}
     for (kind, _, _), owner, result in zip(tasks, owners, results):
         if kind == "math":
-            if isinstance(result, TaskFailure):
-                result = RewardOutcome(0.0, timeouts=int(result.reason == "timeout"),
-                                       sandbox_errors=int(result.reason == "error"),
-                                       detail=result.detail)
-            outcomes[owner] = result
+            outcomes[owner] = failure_outcome(result) if isinstance(result, TaskFailure) else result
         else:
             if isinstance(result, TaskFailure):
                 result = _failure_as_job_result(result)

@@ -311,15 +311,3 @@ def loss_grad_fd(fn, logprobs, step=1e-6):
         minus[index] -= step
         grad[index] = (fn(plus) - fn(minus)) / (2 * step)
     return grad
-
-
-def token_entropy_ref(logits, mask):
-    logits = np.asarray(logits, np.float64)
-    values = []
-    for b in range(logits.shape[0]):
-        for t in range(logits.shape[1]):
-            if mask[b, t] > 0:
-                z = logits[b, t] - logits[b, t].max()
-                p = np.exp(z) / np.exp(z).sum()
-                values.append(float(-(p * np.log(p)).sum()))
-    return sum(values) / len(values) if values else 0.0

@@ -98,19 +98,6 @@ def guided_count(alpha, group_size):
     return min(max(count, 1), group_size)
 
 
-def guide_prefixes(trajectories, guided, length):
-    result = []
-    for trajectory, flag in zip(trajectories, guided):
-        prefix = []
-        if flag:
-            for position, token in enumerate(trajectory):
-                if position >= length:
-                    break
-                prefix.append(int(token))
-        result.append(prefix)
-    return result
-
-
 def metrics(length, rewards, advantages, guided, completion_mask, guided_token_mask):
     rewards = np.asarray(rewards, dtype=np.float64)
     advantages = np.asarray(advantages, dtype=np.float64)

@@ -1,4 +1,9 @@
-"""Qwen3 decoder in Flax Linen, with an explicit KV cache so prefill and decode are pure functions.
+"""The decoder of Qwen3, Qwen2 / Qwen2.5 and Llama 3 in Flax Linen, with an explicit KV cache so
+prefill and decode are pure functions.
+
+One module serves every family; the config's family flags (`qk_norm`, `qkv_bias`, `o_proj_bias`,
+`mlp_bias`) and `rope_scaling` select what differs (see `families`). Callers never branch on the
+family.
 
 Every parameter declares its logical axes once, where it is created; `g2rpo_jax.sharding` maps
 those names onto mesh axes. The module returns final hidden states; the LM head is applied by
@@ -19,7 +24,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from g2rpo_jax.models.config import Qwen3Config, resolve_dtype
+from g2rpo_jax.models.config import ModelConfig, resolve_dtype
+from g2rpo_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 # A large finite negative instead of -inf: a fully masked row (a padding query) then gets a
 # harmless uniform distribution instead of NaNs.
@@ -45,7 +51,7 @@ class KVCache(flax.struct.PyTreeNode):
         return self.k[0].shape[3]
 
 
-def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None, start_slot: int = 0) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, start_slot: int = 0) -> KVCache:
     """An empty cache of `length` slots; the first `extend_cache` writes from `start_slot` on, and the
     slots before it stay empty (rows prefilled with a shorter chunk than others then still end at
     the same slot)."""
@@ -101,21 +107,6 @@ def drop_leading_slots(cache: KVCache, count: int) -> KVCache:
     )
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """sin/cos of shape [B, T, D/2] in float32 for integer positions [B, T]."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    return jnp.sin(angles), jnp.cos(angles)
-
-
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-    """Rotates the two halves of the head dim (the Hugging Face / NeoX layout). x: [B, T, N, D]."""
-    first, second = jnp.split(x, 2, axis=-1)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    cos = cos[:, :, None, :].astype(x.dtype)
-    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-
-
 class RMSNorm(nn.Module):
     eps: float
     param_dtype: jnp.dtype
@@ -131,7 +122,7 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _dense(cfg: Qwen3Config, features: int, axes: tuple[str, str], name: str, bias: bool = False) -> nn.Dense:
+def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
         use_bias=bias,
@@ -175,20 +166,23 @@ def _attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
 
 class Attention(nn.Module):
-    cfg: Qwen3Config
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, sin, cos, mask, cached_kv=None, write_index=None):
         cfg = self.cfg
         batch, steps, _ = x.shape
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         q = _dense(cfg, heads * head_dim, ("embed", "q_heads"), "q_proj", bias)(x)
         k = _dense(cfg, kv_heads * head_dim, ("embed", "kv_heads"), "k_proj", bias)(x)
         v = _dense(cfg, kv_heads * head_dim, ("embed", "kv_heads"), "v_proj", bias)(x)
-        q = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="q_norm")(q.reshape(batch, steps, heads, head_dim))
-        k = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="k_norm")(k.reshape(batch, steps, kv_heads, head_dim))
+        q = q.reshape(batch, steps, heads, head_dim)
+        k = k.reshape(batch, steps, kv_heads, head_dim)
         v = v.reshape(batch, steps, kv_heads, head_dim)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before the rotation
+            q = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name="k_norm")(k)
         q = apply_rope(q, sin, cos)
         k = apply_rope(k, sin, cos).transpose(0, 2, 3, 1)  # [B, K, D, T]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
@@ -197,23 +191,25 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, 0, write_index))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, write_index, 0))
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        out = _dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj")(out.reshape(batch, steps, -1))
+        o_proj = _dense(cfg, cfg.hidden_size, ("q_heads", "embed"), "o_proj", cfg.o_proj_bias)
+        out = o_proj(out.reshape(batch, steps, -1))
         return out, (k, v)
 
 
 class MLP(nn.Module):
-    cfg: Qwen3Config
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+        bias = cfg.mlp_bias
+        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", bias)(x)
+        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj", bias)(x)
+        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj", bias)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    cfg: Qwen3Config
+    cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, sin, cos, mask, cached_kv=None, write_index=None):
@@ -225,10 +221,10 @@ class DecoderLayer(nn.Module):
         return x, kv
 
 
-class Qwen3Model(nn.Module):
+class DecoderModel(nn.Module):
     """Embeddings, decoder stack and final norm. Returns hidden states [B, T, E] and per-layer (k, v)."""
 
-    cfg: Qwen3Config
+    cfg: ModelConfig
     remat: bool = False
 
     @nn.compact
@@ -249,7 +245,7 @@ class Qwen3Model(nn.Module):
                 cfg.weight_dtype,
             )
         x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)  # [B, T, E]
-        sin, cos = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        sin, cos = rope_tables(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_k, new_v = [], []
         for i in range(cfg.num_layers):
@@ -262,31 +258,31 @@ class Qwen3Model(nn.Module):
         return x, (tuple(new_k), tuple(new_v))
 
 
-def lm_head_weight(cfg: Qwen3Config, params) -> jax.Array:
+def lm_head_weight(cfg: ModelConfig, params) -> jax.Array:
     """The [E, V] output projection (the transposed embedding for tied models)."""
     if cfg.tie_word_embeddings:
         return params["embedding"].T
     return params["lm_head"]
 
 
-def logits_from_hidden(cfg: Qwen3Config, params, hidden: jax.Array) -> jax.Array:
+def logits_from_hidden(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:
     """[..., E] hidden states -> [..., V] logits in float32."""
     weight = lm_head_weight(cfg, params).astype(cfg.compute_dtype)
     return jnp.einsum("...e,ev->...v", hidden.astype(cfg.compute_dtype), weight, preferred_element_type=jnp.float32)
 
 
-def init_params(cfg: Qwen3Config, rng: jax.Array):
+def init_params(cfg: ModelConfig, rng: jax.Array):
     """Random parameters (unboxed arrays), for tests and from-scratch runs."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = Qwen3Model(cfg).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
+    boxed = DecoderModel(cfg).init(rng, tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
     return nn.meta.unbox(boxed)
 
 
-def param_logical_axes(cfg: Qwen3Config):
+def param_logical_axes(cfg: ModelConfig):
     """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(
-        lambda: Qwen3Model(cfg).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
+        lambda: DecoderModel(cfg).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1, 1), bool))["params"]
     )
     return nn.get_partition_spec(shapes)
 
@@ -305,22 +301,22 @@ def positions_from_mask(valid: jax.Array, start: Optional[jax.Array] = None) -> 
     return jnp.maximum(counts, 0)
 
 
-def hidden_states(cfg: Qwen3Config, params, tokens, valid=None, remat: bool = False) -> jax.Array:
+def hidden_states(cfg: ModelConfig, params, tokens, valid=None, remat: bool = False) -> jax.Array:
     """Final hidden states [B, T, E] for a (possibly left-padded) batch without a cache."""
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = causal_mask(jnp.arange(tokens.shape[1]), valid)
-    hidden, _ = Qwen3Model(cfg, remat=remat).apply({"params": params}, tokens, positions_from_mask(valid), mask)
+    hidden, _ = DecoderModel(cfg, remat=remat).apply({"params": params}, tokens, positions_from_mask(valid), mask)
     return hidden
 
 
-def forward(cfg: Qwen3Config, params, tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+def forward(cfg: ModelConfig, params, tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
     """Logits [B, T, V] (float32) for int32 tokens [B, T]; `valid` marks real tokens of padded rows."""
     chex.assert_rank(tokens, 2)
     return logits_from_hidden(cfg, params, hidden_states(cfg, params, tokens, valid))
 
 
-def extend_cache(cfg: Qwen3Config, params, tokens: jax.Array, valid: jax.Array, cache: KVCache):
+def extend_cache(cfg: ModelConfig, params, tokens: jax.Array, valid: jax.Array, cache: KVCache):
     """Appends a chunk of tokens [B, T] to the cache; returns (hidden [B, T, E], new cache).
 
     Prefill is one call with the whole left-padded prompt; decoding is one call per step with T=1.
@@ -330,7 +326,7 @@ def extend_cache(cfg: Qwen3Config, params, tokens: jax.Array, valid: jax.Array, 
     all_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
     positions = positions_from_mask(valid, cache.next_position)
     mask = causal_mask(cache.index + jnp.arange(steps), all_valid)
-    hidden, (k, v) = Qwen3Model(cfg).apply(
+    hidden, (k, v) = DecoderModel(cfg).apply(
         {"params": params}, tokens, positions, mask, cache.k, cache.v, cache.index
     )
     new_cache = KVCache(
@@ -341,45 +337,3 @@ def extend_cache(cfg: Qwen3Config, params, tokens: jax.Array, valid: jax.Array, 
         index=cache.index + steps,
     )
     return hidden, new_cache
-
-
-def token_logprobs(
-    cfg: Qwen3Config,
-    params,
-    hidden: jax.Array,
-    targets: jax.Array,
-    temperature: float | jax.Array = 1.0,
-    chunk_size: int = 128,
-    with_entropy: bool = False,
-):
-    """log_softmax(logits / temperature)[target] for hidden [B, T, E] and targets [B, T], in float32.
-
-    The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so neither the
-    forward nor the backward pass holds more than [B, chunk, V] logits at once (a 151k vocabulary
-    times thousands of positions would not fit otherwise). Returns [B, T] (and the entropy [B, T]).
-    """
-    chex.assert_rank(hidden, 3)
-    chex.assert_equal_shape_prefix([hidden, targets], 2)
-    batch, steps, _ = hidden.shape
-    chunk = min(chunk_size, steps)
-    padded = -steps % chunk
-    hidden = jnp.pad(hidden, ((0, 0), (0, padded), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, padded)))
-    num_chunks = hidden.shape[1] // chunk
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [C, B, chunk, E]
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [C, B, chunk]
-
-    @jax.checkpoint
-    def one_chunk(h, t):
-        logits = logits_from_hidden(cfg, params, h) / temperature  # [B, chunk, V]
-        log_norm = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - log_norm
-        if not with_entropy:
-            return picked, jnp.zeros_like(picked)
-        probs = jax.nn.softmax(logits, axis=-1)
-        return picked, log_norm - jnp.sum(probs * logits, axis=-1)
-
-    logps, entropy = jax.lax.map(lambda xs: one_chunk(*xs), (hidden_chunks, target_chunks))
-    logps = logps.swapaxes(0, 1).reshape(batch, -1)[:, :steps]
-    entropy = entropy.swapaxes(0, 1).reshape(batch, -1)[:, :steps]
-    return (logps, entropy) if with_entropy else logps

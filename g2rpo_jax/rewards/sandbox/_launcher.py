@@ -1,7 +1,7 @@
 """Sandbox launcher: runs one untrusted program under the protections the host allows.
 
 This file is executed as a standalone script (``python -I -S _launcher.py SPEC STATUS RESULT``)
-by ``sandbox.py``; it must only import the standard library and must never be imported by the
+by ``execute.py``; it must only import the standard library and must never be imported by the
 library itself (it calls ``unshare``/``mount`` on the current process).
 
 File descriptors given by the host:
