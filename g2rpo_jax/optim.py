@@ -36,20 +36,20 @@ def validate(ocfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the optimizer key, its bad value and what is valid."""
     for key in ("learning_rate", "min_learning_rate", "weight_decay", "eps"):
         if not (isinstance(ocfg[key], (int, float)) and math.isfinite(ocfg[key]) and ocfg[key] >= 0):
-            raise ValueError(f"optimizer.{key}={ocfg[key]!r} is not valid; valid: a finite number >= 0")
+            raise ValueError(f"optim.{key}={ocfg[key]!r} is not valid; valid: a finite number >= 0")
     if ocfg.min_learning_rate > ocfg.learning_rate:
         raise ValueError(
-            f"optimizer.min_learning_rate={ocfg.min_learning_rate!r} is not valid; valid: at most "
-            f"optimizer.learning_rate={ocfg.learning_rate!r}"
+            f"optim.min_learning_rate={ocfg.min_learning_rate!r} is not valid; valid: at most "
+            f"optim.learning_rate={ocfg.learning_rate!r}"
         )
     for key in ("b1", "b2"):
         if not 0.0 <= ocfg[key] < 1.0:
-            raise ValueError(f"optimizer.{key}={ocfg[key]!r} is not valid; valid: a number in [0, 1)")
+            raise ValueError(f"optim.{key}={ocfg[key]!r} is not valid; valid: a number in [0, 1)")
     if not isinstance(ocfg.warmup_steps, int) or ocfg.warmup_steps < 0:
-        raise ValueError(f"optimizer.warmup_steps={ocfg.warmup_steps!r} is not valid; valid: an integer >= 0")
+        raise ValueError(f"optim.warmup_steps={ocfg.warmup_steps!r} is not valid; valid: an integer >= 0")
     if not isinstance(ocfg.total_steps, int) or ocfg.total_steps < max(ocfg.warmup_steps, 1):
         raise ValueError(
-            f"optimizer.total_steps={ocfg.total_steps!r} is not valid; valid: an integer >= "
+            f"optim.total_steps={ocfg.total_steps!r} is not valid; valid: an integer >= "
             f"max(1, warmup_steps={ocfg.warmup_steps})"
         )
 

@@ -1,4 +1,5 @@
-"""What a resumed run may change, and the files a start leaves in its run directory.
+"""What a resumed run may change, the files a start leaves in its run directory, and the stop
+requests (SIGTERM, SIGINT) after which a run saves and exits so that it can be resumed.
 
 A resume compares the config saved with the checkpoint against the current one: keys that fix the
 saved state's shapes, the meaning of the guidance state or the data order (`FIXED_ON_RESUME`) stop
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any, Optional, Sequence
 
 import jax
@@ -144,3 +147,60 @@ def truncate_metrics(path: str, last_step: int) -> int:
             f.write("".join(line + "\n" for line in kept))
         os.replace(path + ".tmp", path)
     return dropped
+
+
+def remove_empty_run_dir(workdir: str) -> None:
+    """Removes what a failed first start leaves: an empty checkpoints/ folder and, then empty, the
+    run directory itself. Anything with content stays."""
+    for path in (os.path.join(workdir, "checkpoints"), workdir):
+        try:
+            os.rmdir(path)
+        except OSError:  # absent, or not empty
+            pass
+
+
+# ----------------------------------------------------------------------------- stop requests
+
+
+class StopRequests:
+    """SIGTERM and SIGINT as requests to stop: the first one lets the step in flight finish and
+    asks the loop to save it and exit; a second one ends the process at once (the usual meaning of
+    a repeated Ctrl-C or of a scheduler's follow-up SIGKILL). Handlers can only be installed from
+    the main thread; elsewhere the signals keep their previous behaviour."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        # A handler may interrupt a print: write to the file descriptor, not through sys.stdout.
+        if self.received is not None:
+            os.write(1, f"[train] second {name}: exiting at once without saving\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        os.write(1, f"[train] {name} received: finishing the step in flight, then saving it and exiting "
+                    f"({name} again exits at once)\n".encode())
+
+    def agreed(self) -> Optional[str]:
+        """The signal's name when any host received one, else None: every host must stop after
+        the same step, or the others would wait forever in the next step's collectives."""
+        if jax.process_count() == 1:
+            return self.received
+        if train_state_lib.all_hosts_agree(self.received is None):
+            return None
+        return self.received or "a signal on another host"

@@ -50,7 +50,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from g2rpo_jax import advantages, data, guidance, guided_rollouts, models, sampling
+from g2rpo_jax import advantages, data, guidance, guided_rollouts, models, sampling, sharding
 from g2rpo_jax import train_step as train_step_lib
 
 PLACEMENTS = ("completion", "prompt")
@@ -232,6 +232,30 @@ def reference_batch(cfg, prepared, rows, tokenizer):
 # ----------------------------------------------------------------------------- sampling options
 
 
+def guide_budget_warning(gcfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict) -> str | None:
+    """A warning when the schedule's ℓ (in tokens) can exceed sampling.max_new_tokens, where every
+    guide is capped: a rollout guided that far is entirely forced. None when it cannot."""
+    if gcfg.mode == "none" or gcfg.length_unit != "tokens":
+        return None
+    key = "initial_length" if gcfg.mode == "fixed" else "max_length"
+    if gcfg[key] <= scfg.max_new_tokens:
+        return None
+    return (f"guidance.{key}={gcfg[key]} is above sampling.max_new_tokens={scfg.max_new_tokens}: guides are capped "
+            f"at {scfg.max_new_tokens} tokens, so a rollout guided at ℓ >= {scfg.max_new_tokens} is entirely forced "
+            f"and the logged ℓ runs ahead of the tokens forced; lower guidance.{key} or raise sampling.max_new_tokens")
+
+
+def positions_needed(prompt_ids: Sequence[Sequence[int]], gcfg: ml_collections.ConfigDict,
+                     scfg: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(the most positions a rollout can take, how: longest prompt + hint + completion budget)."""
+    longest = max(map(len, prompt_ids), default=0)
+    hint = scfg.max_new_tokens if gcfg.mode != "none" and gcfg.placement == "prompt" else 0
+    how = f"the longest prompt ({longest} tokens)"
+    if hint:
+        how += f" + a hint of up to sampling.max_new_tokens={hint} tokens (guidance.placement='prompt')"
+    return longest + hint + scfg.max_new_tokens, how + f" + sampling.max_new_tokens={scfg.max_new_tokens}"
+
+
 def validate_options(gcfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict) -> None:
     """Checks the options above (the `guidance` and `sampling` sections); raises ValueError naming
     the key as it is typed, its bad value and the valid ones."""
@@ -273,6 +297,7 @@ class RolloutCollector:
         self.sampler_cfg = (model_cfg.replace(dtype=self.sampler_dtype, param_dtype=self.sampler_dtype)
                             if self.sampler_dtype else model_cfg)
         self.tokenizer, self.prepared, self.scorer, self.mesh = tokenizer, prepared, scorer, mesh
+        self.rules = tuple(cfg.mesh.rules) if "mesh" in cfg else sharding.DEFAULT_RULES
         self.pad_id = data.pad_token_id(tokenizer)
         self.eos_ids = data.stop_token_ids(tokenizer)
         self._step_ends: dict[int, tuple[int, ...]] = {}  # problem row -> its trajectory's step ends
@@ -323,7 +348,7 @@ class RolloutCollector:
             self.sampler_cfg, params, prompts, forced, max_new_tokens=self.scfg.max_new_tokens,
             temperature=self.temperature, top_p=self.scfg.top_p, top_k=self.scfg.top_k, eos_ids=self.eos_ids,
             rng=key, pad_id=self.pad_id, mesh=self.mesh, score_guides=False,  # the train step recomputes them
-            first_row=first_row,
+            first_row=first_row, rules=self.rules,
         )
         return problem_ids, guides, prompts, out
 

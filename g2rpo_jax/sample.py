@@ -22,15 +22,19 @@ from g2rpo_jax import data, models, sampling
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m g2rpo_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template unless "
+                        "--no_chat_template)")
     parser.add_argument("--guide", default="", help="text forced at the start of every completion")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--num_samples", type=int, default=1, help="completions to draw (default 1)")
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="budget per completion, guide tokens included (default 256)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (default 1.0)")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="nucleus sampling: keep the smallest set of tokens with this much probability (1 = off)")
     parser.add_argument("--top_k", type=int, default=0, help="0 = off, 1 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the weights are loaded and run in (default float32)")
     parser.add_argument("--no_chat_template", action="store_true", help="feed the prompt text as is")
     parser.add_argument("--enable_thinking", action=argparse.BooleanOptionalAction, default=True,
                         help="Qwen3 chat template: let the model think first (default) or not")

@@ -270,9 +270,9 @@ def _decode(cfg: ModelConfig, params, state: _LoopState, *, settings: _Settings,
     return jax.lax.while_loop(keep_going, decode_step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("cache_length", "drop_slots", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cache_length", "drop_slots", "mesh", "rules"))
 def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, drop_slots: int = 0,
-            mesh=None) -> _LoopState:
+            mesh=None, rules=sharding_lib.DEFAULT_RULES) -> _LoopState:
     """The loop state of the given rows only (all rows when `rows` is None), its cache without the
     first `drop_slots` slots and with room for `cache_length`. Every array leaf is batch-major."""
     cache = models.drop_leading_slots(state.cache, drop_slots)
@@ -284,7 +284,7 @@ def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, 
         if x.ndim == 0:
             return x
         x = jnp.take(x, rows, axis=0)
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim))
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim, rules))
 
     return jax.tree.map(take, state)
 
@@ -359,6 +359,8 @@ def _prefill_arrays(prompts, guides, padded_batch: int, max_new_tokens: int, pad
     return prefill, valid, guide_tokens, guide_lengths, prefix_lengths
 
 
+# Long because the phased decode's host-side bookkeeping (which batch row each state row holds, the
+# cache slots in front, the rows still running) stays in one place; its pieces are the jitted helpers above.
 def sample(
     cfg: ModelConfig,
     params,
@@ -375,6 +377,7 @@ def sample(
     batch_multiple: int = 8,
     score_guides: bool = True,
     first_row: int = 0,
+    rules=sharding_lib.DEFAULT_RULES,
 ) -> SampleOutput:
     """Generates one completion per prompt; guides[i] (token ids, may be empty) is forced first.
 
@@ -382,6 +385,8 @@ def sample(
     the vocabulary, for callers that recompute log-probs anyway (the train step does).
     Row i's noise comes from fold_in(rng, first_row + i): a caller that samples a batch in chunks
     passes each chunk's first row and gets the same noise per row as one call would give.
+    With a mesh, rows are sharded over the mesh axes that `rules` (logical -> mesh axes, the
+    config's `mesh.rules`) gives the logical 'batch' axis.
     Shapes are bucketed (batch to a multiple of `batch_multiple` and of the mesh's batch axes,
     prompt + guide length and guide window to powers of two), so a run compiles few programs.
     """
@@ -392,7 +397,8 @@ def sample(
     batch = len(prompts)
     multiple = batch_multiple
     if mesh is not None:
-        multiple = np.lcm(multiple, sharding_lib.batch_axis_size(mesh))
+        rules = tuple(rules)
+        multiple = np.lcm(multiple, sharding_lib.batch_axis_size(mesh, rules))
     padded_batch = round_up(batch, multiple)
     # Guided rows go first, so the guide log-probs' vocabulary projection covers only them.
     order = sorted(range(batch), key=lambda i: not guides[i])
@@ -414,8 +420,8 @@ def sample(
     arrays = (prefill, valid, guide_tokens, guide_lengths, row_keys)
     rows_sharding = None
     if mesh is not None:
-        arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim)) for a in arrays)
-        rows_sharding = sharding_lib.batch_sharding(mesh, 2)
+        arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules)) for a in arrays)
+        rows_sharding = sharding_lib.batch_sharding(mesh, 2, rules)
 
     phase_ends = decode_phase_ends(max_new_tokens)
     # Sampled token s is fed back into cache slot prefix_slots + s - 1, so a phase that ends after
@@ -450,7 +456,8 @@ def sample(
         prefix_slots -= drop
         cache_length = prefix_slots + end - 1
         if keep is not None or drop or cache_length > state.cache.length:
-            state = _resize(state, keep, cache_length=cache_length, drop_slots=drop, mesh=mesh)
+            state = _resize(state, keep, cache_length=cache_length, drop_slots=drop, mesh=mesh,
+                            rules=tuple(rules))
         state = _decode(cfg, params, state, settings=settings, rows_sharding=rows_sharding)
     collect(state)
     back = np.argsort(order)  # batch position of each input row

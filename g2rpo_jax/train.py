@@ -22,6 +22,9 @@ The run directory holds
                           with the best eval/average/pass@1
   checkpoints_damaged/    checkpoints that could not be read back, moved aside at a resume
   final_hf/               a Hugging Face checkpoint of the policy, at the end
+  tensorboard/            TensorBoard event files of every metric (run.tensorboard)
+  rollouts.jsonl          a few groups per step: prompt, guide and continuation apart, rewards,
+                          advantages (run.rollout_samples)
 
 Long runs. Re-running the same command resumes from the newest checkpoint that reads back whole
 (a damaged one is reported by path and the one before it used). The config is compared with the
@@ -39,20 +42,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Optional
 
 import jax
 import ml_collections
 
-from g2rpo_jax import data, guidance, models, optim, resume, rewards, rollout
+from g2rpo_jax import command_line, data, guidance, models, optim, resume, rewards, rollout
 from g2rpo_jax import eval as evaluation
+from g2rpo_jax import run_logging
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax import train_state as train_state_lib
 from g2rpo_jax import train_step as train_step_lib
@@ -87,57 +88,19 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-def step_metrics(step, state_metrics, batch, info, elapsed) -> dict:
-    """One flat dict of floats for metrics.jsonl and the console: the train step's metrics
-    (loss, clipping, KL, entropy, guidance) plus the host side (rewards, timing)."""
-    metrics = {"step": step, **{k: float(v) for k, v in jax.device_get(state_metrics).items()}}
-    if info["per_kind"]:  # rollouts were scored (not the SFT baseline)
-        metrics["reward/total"] = float(batch.rewards.mean())
-    metrics.update({
-        **{f"reward/{name}": float(values.mean()) for name, values in info["per_kind"].items()},
-        **{f"reward_events/{name}": int(count) for name, count in info["stats"].items()},
-        "completion/mean_tokens": float(info["lengths"].mean()),
-        "time/sample_s": info["sample_s"],
-        "time/reward_s": info["reward_s"],
-        "time/step_s": elapsed,
-        **info.get("metrics", {}),
-    })
-    return metrics
-
-
-def periodic_eval(settings, model_cfg, params, tokenizer, tasks, pool, mesh, step: int, workdir: str) -> dict:
-    """Evaluates the current policy (`settings`: the `eval` section's `EvalSettings`); returns flat
-    metrics for metrics.jsonl."""
+def periodic_eval(settings, model_cfg, params, tokenizer, tasks, pool, mesh, step: int, workdir: str,
+                  rules=None) -> dict:
+    """Evaluates the current policy (`settings`: the `eval` section's `EvalSettings`; `rules`: the
+    config's mesh.rules, None = the defaults); returns flat metrics for metrics.jsonl."""
     start = time.perf_counter()
     summary = evaluation.evaluate(
-        model_cfg, params, tokenizer, tasks, settings, pool=pool,
-        mesh=mesh, step=step, output_dir=os.path.join(workdir, "eval", f"step_{step}"),
+        model_cfg, params, tokenizer, tasks, settings, pool=pool, mesh=mesh, rules=rules, step=step,
+        output_dir=os.path.join(workdir, "eval", f"step_{step}"),
     )
     flat = evaluation.flat_metrics(summary)
     log(f"eval at step {step} ({time.perf_counter() - start:.0f} s): "
         + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in flat.items() if k.endswith("pass@1")))
     return flat
-
-
-def console_line(m: dict) -> str:
-    get = lambda key: m.get(key, float("nan"))  # noqa: E731
-    return (f"step {m['step']:>5} | loss {get('loss'):.4f} | acc {get('reward/accuracy'):.3f} (guided {get('guidance/reward_guided'):.2f} "
-            f"/ free {get('guidance/reward_unguided'):.2f}) | ℓ {get('guidance/length'):.0f} | "
-            f"grad {get('grad_norm'):.3f} | entropy {get('entropy'):.2f} | adv std {get('guidance/advantage_std'):.2f} | "
-            f"len {get('completion/mean_tokens'):.0f} | sample {get('time/sample_s'):.1f}s "
-            f"reward {get('time/reward_s'):.1f}s step {get('time/step_s'):.1f}s" + option_details(m))
-
-
-def option_details(m: dict) -> str:
-    """What the guided-RL options that are on add to the console line (nothing when all are off)."""
-    parts = []
-    if "rollout/extra_rollouts" in m:
-        parts.append(f"extra rollouts {m['rollout/extra_rollouts']:.0f}")
-    if "rollout/sampling_rounds" in m:
-        parts.append(f"sampling rounds {m['rollout/sampling_rounds']:.0f}")
-    if m.get("mismatch/logprob_abs_diff", 0.0) > 1e-4:  # only when the sampler's numerics differ
-        parts.append(f"sampler drift {m['mismatch/logprob_abs_diff']:.1e}")
-    return "".join(f" | {p}" for p in parts)
 
 
 def abstract_params(model_cfg, dtype):
@@ -165,53 +128,7 @@ def validate_config(cfg: ml_collections.ConfigDict, mesh) -> None:
         value = cfg.run[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"run.{key}={value!r} is not valid; valid: an integer >= {low}")
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class StopRequests:
-    """SIGTERM and SIGINT as requests to stop: the first one lets the step in flight finish and
-    asks the loop to save it and exit; a second one ends the process at once (the usual meaning of
-    a repeated Ctrl-C or of a scheduler's follow-up SIGKILL). Handlers can only be installed from
-    the main thread; elsewhere the signals keep their previous behaviour."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        # A handler may interrupt a print: write to the file descriptor, not through sys.stdout.
-        if self.received is not None:
-            os.write(1, f"[train] second {name}: exiting at once without saving\n".encode())
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = name
-        os.write(1, f"[train] {name} received: finishing the step in flight, then saving it and exiting "
-                    f"({name} again exits at once)\n".encode())
-
-    def agreed(self) -> Optional[str]:
-        """The signal's name when any host received one, else None: every host must stop after
-        the same step, or the others would wait forever in the next step's collectives."""
-        if jax.process_count() == 1:
-            return self.received
-        if train_state_lib.all_hosts_agree(self.received is None):
-            return None
-        return self.received or "a signal on another host"
+    run_logging.validate_config(cfg.run)  # rollout_samples, tensorboard, wandb_project, wandb_mode
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -231,6 +148,11 @@ def eval_score(metrics: dict) -> Optional[float]:
     """What `keep_best` ranks checkpoints by: the macro-average pass@1 of the periodic eval."""
     value = metrics.get("eval/average/pass@1")
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+class StartError(ValueError):
+    """A mistake found before any work (a bad config value, data or checkpoint): the command line
+    prints its message alone, without a traceback."""
 
 
 def open_run_dir(cfg: ml_collections.ConfigDict, mesh) -> tuple[str, dict, object]:
@@ -253,8 +175,14 @@ def open_run_dir(cfg: ml_collections.ConfigDict, mesh) -> tuple[str, dict, objec
     return workdir, current_config, manager
 
 
-def check_data(cfg: ml_collections.ConfigDict, prepared: data.PreparedPrompts) -> None:
-    """The data must hold what the method trains on: reference trajectories for guidance and SFT."""
+def check_data(cfg: ml_collections.ConfigDict, prepared: data.PreparedPrompts, model_cfg, checkpoint: str) -> None:
+    """The data must hold what the method trains on (reference trajectories for guidance and SFT),
+    and its rollouts must fit the model's positions."""
+    needed, how = rollout.positions_needed(prepared.prompt_ids, cfg.guidance, cfg.sampling)
+    if needed > model_cfg.max_position_embeddings:
+        raise ValueError(f"{how} = {needed} positions, more than the model's max_position_embeddings="
+                         f"{model_cfg.max_position_embeddings} ({os.path.join(checkpoint, 'config.json')}); lower "
+                         f"sampling.max_new_tokens or data.max_prompt_tokens")
     if cfg.guidance.mode != "none" and not prepared.trajectory_ids:
         raise ValueError(f"guidance.mode={cfg.guidance.mode!r} needs reference trajectories, but the "
                          f"{cfg.data.adapter!r} data has none; use guidance.mode='none'")
@@ -316,6 +244,7 @@ class Run:
     data_state: dict
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    rollout_records: list = dataclasses.field(default_factory=list)  # the last step's, for rollouts.jsonl
 
     def host_state(self) -> dict:
         return {"data": self.data_state, "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -337,6 +266,10 @@ def start_run(cfg: ml_collections.ConfigDict) -> Run:
     tokenizer = models.load_tokenizer(checkpoint)
     prepared = data.prepare_from_config(cfg.data, tokenizer)
     log(f"data: {len(prepared)} prompts from {cfg.data.source} ({prepared.report})")
+    check_data(cfg, prepared, model_cfg, checkpoint)
+    warning = rollout.guide_budget_warning(cfg.guidance, cfg.sampling)
+    if warning:
+        log(f"WARNING: {warning}")
     num_problems = len(prepared) if cfg.guidance.per_problem else None  # one schedule per problem
     optimizer = optim.make_optimizer(cfg.optim)
     state, host = load_state(cfg, run_dir, checkpoint, model_cfg, optimizer, mesh, num_problems)
@@ -345,7 +278,6 @@ def start_run(cfg: ml_collections.ConfigDict) -> Run:
         _, ref_params = models.load_hf(cfg.model.reference or checkpoint, dtype=cfg.model.dtype, mesh=mesh,
                                        rules=tuple(cfg.mesh.rules))
     iterator = data.iterator_from_config(cfg.data, prepared)
-    check_data(cfg, prepared)
     if host:
         iterator.set_state(host["data"])
     start_step = int(state.step)
@@ -371,7 +303,8 @@ def start_run(cfg: ml_collections.ConfigDict) -> Run:
 
 
 def begin_metrics(run: Run) -> str:
-    """Keeps this start's config and cuts metrics.jsonl back to the start step; returns its path."""
+    """Keeps this start's config and cuts metrics.jsonl (and rollouts.jsonl) back to the start step;
+    returns the path of metrics.jsonl."""
     resume.write_start_config(run.workdir, run.cfg, run.start_step)
     metrics_path = os.path.join(run.workdir, "metrics.jsonl")
     if jax.process_index() == 0:
@@ -379,6 +312,7 @@ def begin_metrics(run: Run) -> str:
         if dropped:
             log(f"dropped {dropped} record(s) after step {run.start_step} from metrics.jsonl (written after that "
                 "checkpoint)")
+        resume.truncate_metrics(os.path.join(run.workdir, run_logging.ROLLOUTS_FILE), run.start_step)
     if run.start_step:
         log(f"resumed from step {run.start_step} in {run.workdir}")
     return metrics_path
@@ -389,6 +323,7 @@ def run_step(run: Run) -> dict:
     train step, the host counters and, when due, the periodic evaluation. Returns its metrics."""
     cfg, start, step = run.cfg, time.perf_counter(), run.completed
     rows = next(run.iterator)
+    rollouts = None  # the SFT baseline samples none
     if cfg.step.loss_type == "sft":
         batch, info = rollout.reference_batch(cfg, run.prepared, rows, run.tokenizer)
     else:
@@ -397,22 +332,31 @@ def run_step(run: Run) -> dict:
                                                lambda: next(run.iterator))
         batch = rollout.to_batch(rollouts, data.pad_token_id(run.tokenizer))
     position_after_batch = run.iterator.get_state()  # after any refill draws
+    train_start = time.perf_counter()
     run.state, state_metrics = run.step_fn(run.state, run.ref_params, batch)
     state_metrics = jax.device_get(state_metrics)  # waits for the step, so its time is counted
+    train_step_s = time.perf_counter() - train_start
     # From here `state` is step + 1: the host state follows it at once.
     run.completed, run.data_state = step + 1, position_after_batch
     skipped = bool(state_metrics["skipped_nonfinite"] > 0)
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if skipped else 0
     run.nonfinite_total += int(skipped)
-    metrics = step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start)
+    metrics = run_logging.step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start, train_step_s)
     metrics["skipped_nonfinite_total"] = run.nonfinite_total
+    run.rollout_records = []
+    if rollouts is not None and cfg.run.get("rollout_samples", 0) and jax.process_index() == 0:
+        run.rollout_records = run_logging.step_rollout_records(
+            run.completed, rollouts, batch, run.tokenizer, run.prepared.prompt_ids, cfg.step.group_size,
+            cfg.run.rollout_samples, cfg.run.seed, scale=cfg.step.scale_rewards, eps=cfg.step.advantage_eps,
+            baseline=cfg.step.advantage_baseline)
     if skipped:
         log(f"WARNING: step {run.completed}: non-finite loss or gradient (loss {metrics['loss']}, grad "
             f"norm {metrics['grad_norm']}); the update was skipped ({run.nonfinite_in_a_row} in a row, "
             f"the run stops at run.max_nonfinite_steps={cfg.run.max_nonfinite_steps})")
     if cfg.run.eval_every and run.completed % cfg.run.eval_every == 0:
-        metrics.update(periodic_eval(run.eval_settings, run.model_cfg, run.state.params, run.tokenizer, run.eval_tasks, run.pool,
-                                     run.mesh, run.completed, run.workdir))
+        metrics.update(periodic_eval(run.eval_settings, run.model_cfg, run.state.params, run.tokenizer,
+                                     run.eval_tasks, run.pool,
+                                     run.mesh, run.completed, run.workdir, tuple(cfg.mesh.rules)))
     return metrics
 
 
@@ -443,65 +387,109 @@ def finish(run: Run, metrics: dict, stopped_by: Optional[str], too_many_nonfinit
 
 def train(cfg: ml_collections.ConfigDict) -> dict:
     """Runs (or resumes) a training run; returns the last step's metrics."""
-    run = start_run(cfg)
-    metrics_path = begin_metrics(run)
+    try:
+        run = start_run(cfg)
+    except BaseException as error:  # a start that fails leaves no empty run directory behind
+        resume.remove_empty_run_dir(cfg.run.workdir)
+        if isinstance(error, ValueError):
+            raise StartError(str(error)) from error
+        raise
+    method = run_logging.method_kind(cfg.step.loss_type, cfg.guidance.mode)
+    writer = jax.process_index() == 0
+    show_bar = writer and run_logging.progress_enabled(sys.stdout)  # a terminal, not a log file or a pipe
     metrics: dict = {}
     stopped_by, too_many_nonfinite = None, False
-    with StopRequests() as stops:
-        try:
-            with open(metrics_path, "a") as metrics_file:
-                while run.completed < cfg.run.total_steps:
-                    stopped_by = stops.agreed()
-                    if stopped_by:
-                        break
-                    metrics = run_step(run)
-                    if jax.process_index() == 0:
-                        metrics_file.write(json.dumps(metrics) + "\n")
-                        metrics_file.flush()
-                    if run.completed % cfg.run.log_every == 0 or run.completed == 1:
-                        log(console_line(metrics))
-                    if cfg.run.max_nonfinite_steps and run.nonfinite_in_a_row >= cfg.run.max_nonfinite_steps:
-                        too_many_nonfinite = True
-                        break
-                    score = eval_score(metrics)
-                    if run.completed % cfg.run.checkpoint_every == 0 or score is not None:
-                        save(run.manager, run.state, run.host_state(), score)
-        except BaseException:
+    try:
+        begin_metrics(run)
+        logger = run_logging.RunLogger(
+            run.workdir, start_step=run.start_step, tensorboard=cfg.run.get("tensorboard", True),
+            wandb_project=cfg.run.get("wandb_project", ""), wandb_mode=cfg.run.get("wandb_mode", "online"),
+            config=run.config, writer=writer)
+    except BaseException:
+        if run.pool is not None:
+            run.pool.close()
+        raise
+
+    def timed_save(score: Optional[float] = None) -> None:
+        """`save`, and the seconds it held the loop as time/checkpoint_s of the saved step (to
+        TensorBoard and W&B: the step's line of metrics.jsonl is written before the save)."""
+        started = time.perf_counter()
+        if save(run.manager, run.state, run.host_state(), score):
+            logger.log_scalars(run.completed, {"time/checkpoint_s": time.perf_counter() - started})
+
+    with logger:  # closes every sink on the way out, also on an exception
+        with resume.StopRequests() as stops:
+            try:
+                with run_logging.Progress(show_bar, cfg.run.total_steps, run.completed) as progress:
+                    note = run_logging.method_note(method, cfg.step.num_iterations)
+                    if note:
+                        log(note)
+                    if show_bar and run.completed < cfg.run.total_steps:
+                        log("compiling the first step… (sampling and the train step compile on first use)")
+                    while run.completed < cfg.run.total_steps:
+                        stopped_by = stops.agreed()
+                        if stopped_by:
+                            break
+                        metrics = run_step(run)
+                        logger.log_rollouts(run.rollout_records)
+                        progress.update(run_logging.progress_postfix(metrics, method))
+                        if run.completed % cfg.run.log_every == 0 or run.completed == 1:
+                            log(run_logging.console_line(metrics, method, cfg.guidance.length_unit))
+                        logger.log_metrics(metrics)  # the step's metrics.jsonl line last
+                        if cfg.run.max_nonfinite_steps and run.nonfinite_in_a_row >= cfg.run.max_nonfinite_steps:
+                            too_many_nonfinite = True
+                            break
+                        score = eval_score(metrics)
+                        if run.completed % cfg.run.checkpoint_every == 0 or score is not None:
+                            timed_save(score)
+            except BaseException:
+                if run.completed > run.start_step:
+                    log("interrupted: saving the last completed step before exiting")
+                    try:
+                        save(run.manager, run.state, run.host_state())
+                    except Exception as error:  # e.g. the state was donated to a step that then failed
+                        log(f"could not save on the way out ({error!r}); the last periodic checkpoint stands")
+                raise
+            finally:
+                run.manager.wait_until_finished()
+                if run.pool is not None:
+                    run.pool.close()
             if run.completed > run.start_step:
-                log("interrupted: saving the last completed step before exiting")
-                try:
-                    save(run.manager, run.state, run.host_state())
-                except Exception as error:  # e.g. the state was donated to a step that then failed
-                    log(f"could not save on the way out ({error!r}); the last periodic checkpoint stands")
-            raise
-        finally:
-            run.manager.wait_until_finished()
-            if run.pool is not None:
-                run.pool.close()
-        if run.completed > run.start_step:
-            save(run.manager, run.state, run.host_state())
-        run.manager.wait_until_finished()  # a stop signal must not end the process before the write
-    return finish(run, metrics, stopped_by, too_many_nonfinite)
+                timed_save()
+            run.manager.wait_until_finished()  # a stop signal must not end the process before the write
+        return finish(run, metrics, stopped_by, too_many_nonfinite)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     from absl import app, logging
     from ml_collections import config_flags
 
-    config = config_flags.DEFINE_config_file("config", None, "experiments/configs/<file>.py:<preset>[,<variant>]",
-                                             lock_config=True)
+    usage = "experiments/configs/<file>.py:<preset>[,<variant>], then --config.<key>=<value> overrides"
+    config = config_flags.DEFINE_config_file("config", None, command_line.config_file_help(usage), lock_config=True)
+
+    program = "python -m g2rpo_jax.train"
 
     def run(_):
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-        if config.value is None:
+        try:
+            cfg = config.value
+            if cfg is not None:
+                cfg.keys()  # ml_collections reports a config file it could not read on first use
+        except OSError as error:
+            print(command_line.flag_error_message(program, error, argv or sys.argv), file=sys.stderr)
+            return 2
+        if cfg is None:
             raise app.UsageError("--config is required, e.g. --config=experiments/configs/g2rpo.py:demo")
         try:
-            train(config.value)
+            train(cfg)
+        except StartError as error:  # nothing was done: the message names the key or file and the fix
+            print(f"{program}: {error}", file=sys.stderr)
+            return 2
         except FloatingPointError as error:  # the run stopped itself, saved: the message says it all
             log(f"ERROR: {error}")
             return 1
 
-    app.run(run, argv=argv or sys.argv)
+    app.run(run, argv=argv or sys.argv, flags_parser=command_line.config_flags_parser(program))
     return 0
 
 

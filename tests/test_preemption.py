@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from g2rpo_jax import models, resume, train, train_state
+from g2rpo_jax import models, resume, run_logging, train, train_state
 from tests.test_train import REPO, demo_config, read_metrics
 
 TOTAL_STEPS = 8
@@ -88,7 +88,7 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def without_timing(records) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+    return [run_logging.without_wall_clock(r) for r in records]
 
 
 def largest_file(directory) -> str:

@@ -247,6 +247,11 @@ def test_sharded_batch_gives_the_same_greedy_completions(tiny):
                               mesh=mesh)
     np.testing.assert_array_equal(single.tokens, sharded.tokens)
     np.testing.assert_allclose(single.logprobs, sharded.logprobs, atol=logprob_rounding(cfg, single.logprobs))
+    # The config's mesh.rules decide the rows' mesh axes (here the batch on 'tensor' alone).
+    rules = (("batch", "tensor"),) + tuple(rule for rule in sharding.DEFAULT_RULES if rule[0] != "batch")
+    by_rules = sampling.sample(cfg, sharded_params, SPLIT_PROMPTS * 4, SPLIT_GUIDES * 4, max_new_tokens=24, top_k=1,
+                               mesh=mesh, rules=rules)
+    np.testing.assert_array_equal(single.tokens, by_rules.tokens)
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from g2rpo_jax import data, models, resume, rewards, rollout, train, train_state
+from g2rpo_jax import data, models, resume, rewards, rollout, run_logging, train, train_state
+from tests.reference import grpo_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +49,21 @@ def saved_host_state(workdir, step):
         manager.close()
 
 
-def test_demo_runs_resumes_and_exports(tmp_path):
+def read_rollout_records(workdir):
+    with open(os.path.join(workdir, run_logging.ROLLOUTS_FILE), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_demo_runs_resumes_and_exports(tmp_path, capsys, monkeypatch):
+    sampled = []  # each step's Rollouts, in step order, to hold rollouts.jsonl against
+    real_collect = rollout.RolloutCollector.collect
+
+    def recording_collect(self, *args, **kwargs):
+        rollouts, info = real_collect(self, *args, **kwargs)
+        sampled.append(rollouts)
+        return rollouts, info
+
+    monkeypatch.setattr(rollout.RolloutCollector, "collect", recording_collect)
     workdir = tmp_path / "run"
     train.train(demo_config(workdir, total_steps=2))
     first = read_metrics(workdir)
@@ -58,11 +73,47 @@ def test_demo_runs_resumes_and_exports(tmp_path):
         # A guide of ℓ >= the worked solution holds the boxed answer: guided rollouts score.
         assert m["guidance/reward_guided"] == 1.0
         assert np.isfinite(m["loss"])
+        assert m["time/train_step_s"] > 0 and m["throughput/sample_tokens_per_s"] > 0
+        assert m["throughput/train_tokens_per_s_per_device"] == pytest.approx(m["throughput/train_tokens_per_s"] / 8)
     assert first[0]["guidance/length"] == 64 and first[1]["guidance/length"] == 68  # ℓ adapts
 
     train.train(demo_config(workdir, total_steps=3))  # resumes at step 2
     resumed = read_metrics(workdir)
     assert [m["step"] for m in resumed] == [1, 2, 3]
+
+    # Not a terminal: the console lines as always, no progress bar (no carriage return).
+    out = capsys.readouterr().out
+    assert "\r" not in out and "compiling the first step" not in out
+    assert [line.split("|")[0] for line in out.splitlines() if line.startswith("[train] step ")] == [
+        "[train] step     1 ", "[train] step     2 ", "[train] step     3 "]
+
+    # TensorBoard holds each step's metrics once (the resume replaced nothing: it went on from
+    # step 2), as float32, and the time each checkpoint held the loop.
+    from tests.test_run_logging import read_tensorboard
+
+    scalars = read_tensorboard(workdir / run_logging.TENSORBOARD_DIR)
+    for key in ("loss", "reward/total", "guidance/length", "throughput/tokens_per_s"):
+        assert scalars[key] == {m["step"]: np.float32(m[key]) for m in resumed}, key
+    assert sorted(scalars["time/checkpoint_s"]) == [1, 2, 3]
+
+    # rollouts.jsonl: run.rollout_samples = 2 of the 4 groups of G = 2 at each step.
+    records = read_rollout_records(workdir)
+    assert [r["step"] for r in records] == [1] * 4 + [2] * 4 + [3] * 4
+    assert len(sampled) == 3
+    for record in records:
+        assert set(record) == {"step", "group", "rollout", "problem_id", "prompt", "guided", "guide", "continuation",
+                               "guide_tokens", "continuation_tokens", "reward", "rewards", "advantage", "zero_spread"}
+        rollouts = sampled[record["step"] - 1]
+        group = slice(2 * record["group"], 2 * record["group"] + 2)
+        i = 2 * record["group"] + record["rollout"]
+        assert record["guided"] == bool(rollouts.guided[i]) and record["problem_id"] == rollouts.problem_ids[i]
+        assert record["guide"] + record["continuation"] == rollouts.texts[i]
+        assert bool(record["guide"]) == record["guided"] and record["prompt"].startswith("Question:")
+        assert record["reward"] == rollouts.rewards[i] and record["rewards"]["accuracy"] == rollouts.accuracy[i]
+        expected = grpo_numpy.group_advantages_ref(rollouts.rewards, 2)[i]  # scale 'group', eps 1e-4
+        assert record["advantage"] == pytest.approx(expected, abs=1e-6)
+        spread = float(rollouts.rewards[group].max() - rollouts.rewards[group].min())
+        assert record["zero_spread"] == (spread == 0) and (not record["zero_spread"] or record["advantage"] == 0)
     assert saved_host_state(workdir, 2)["data"]  # the iterator position is inside the checkpoint
     # Each start kept its own config; the resume changed only run.total_steps.
     assert os.path.isfile(workdir / "config.json") and os.path.isfile(workdir / "config.from_step_2.json")
@@ -73,7 +124,7 @@ def test_demo_runs_resumes_and_exports(tmp_path):
     assert tokenizer.decode(tokenizer.encode("3482+1759=")) == "3482+1759="
 
 
-def test_sft_baseline_fits_the_reference_trajectories(tmp_path):
+def test_sft_baseline_fits_the_reference_trajectories(tmp_path, capsys):
     workdir = tmp_path / "sft"
     cfg = demo_config(workdir, variant="sft", total_steps=4)
     cfg.data.batch_size, cfg.step.group_size = 8, 1  # one sequence per prompt, no sampling
@@ -81,6 +132,12 @@ def test_sft_baseline_fits_the_reference_trajectories(tmp_path):
     train.train(cfg)
     metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # No rollouts: nothing for rollouts.jsonl, no sampling rate, and a console line without RL fields.
+    assert not os.path.exists(workdir / run_logging.ROLLOUTS_FILE)
+    assert metrics[0]["throughput/train_tokens_per_s"] > 0 and "throughput/sample_tokens_per_s" not in metrics[0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] step ")]
+    assert len(lines) == 4 and all("| loss " in line for line in lines)
+    assert not any(field in line for line in lines for field in ("acc ", "ℓ", "guided", "free", "adv std", "zero-std"))
     # The loss is the trajectories' token-mean NLL: it starts near log(vocab) and falls.
     vocab_size = len(models.load_tokenizer(str(workdir / "random_init_model")))
     assert abs(metrics[0]["loss"] - np.log(vocab_size)) < 0.2
@@ -151,6 +208,10 @@ def test_a_config_error_is_found_before_any_work_and_saves_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"run.max_nonfinite_steps=-1 is not valid"):
         train.train(cfg)
     assert not os.path.exists(workdir)
+    cfg = demo_config(workdir, total_steps=2, rollout_samples=-1)
+    with pytest.raises(ValueError, match=r"run.rollout_samples=-1 is not valid; valid: an integer >= 0"):
+        train.train(cfg)
+    assert not os.path.exists(workdir)
 
 
 def test_checkpoints_of_the_earlier_layout_are_refused_at_start(tmp_path):
@@ -206,7 +267,7 @@ def test_stop_requests_turn_the_first_signal_into_a_flag():
     import signal
 
     before = signal.getsignal(signal.SIGINT)
-    with train.StopRequests() as stops:
+    with resume.StopRequests() as stops:
         assert stops.agreed() is None
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, a request to stop
         assert stops.agreed() == "SIGINT"
@@ -245,8 +306,7 @@ def test_guided_rl_options_run_together_and_the_per_problem_state_resumes(tmp_pa
     uninterrupted, resumed = read_metrics(whole), read_metrics(split)
     assert [m["step"] for m in resumed] == [1, 2, 3]
     for a, b in zip(uninterrupted, resumed):
-        assert {k: v for k, v in a.items() if not k.startswith("time/")} == \
-            {k: v for k, v in b.items() if not k.startswith("time/")}
+        assert run_logging.without_wall_clock(a) == run_logging.without_wall_clock(b)
     for m in uninterrupted:
         assert m["rollout/sampling_rounds"] in (1.0, 2.0) and "rollout/extra_rollouts" in m
         assert m["guided_token_share"] == 0.0  # hints live in the prompt: no guide token is trained
@@ -258,8 +318,24 @@ def test_guided_rl_options_run_together_and_the_per_problem_state_resumes(tmp_pa
 
 def test_console_line_shows_the_options_that_are_on():
     base = {"step": 3, "loss": 0.1}
-    assert " | extra" not in train.console_line(base) and "drift" not in train.console_line(base)
-    line = train.console_line({**base, "rollout/extra_rollouts": 32.0, "rollout/sampling_rounds": 2.0,
+    assert " | extra" not in run_logging.console_line(base) and "drift" not in run_logging.console_line(base)
+    line = run_logging.console_line({**base, "rollout/extra_rollouts": 32.0, "rollout/sampling_rounds": 2.0,
                                "mismatch/logprob_abs_diff": 0.011})
     assert line.endswith(" | extra rollouts 32 | sampling rounds 2 | sampler drift 1.1e-02")
-    assert "drift" not in train.console_line({**base, "mismatch/logprob_abs_diff": 5e-7})  # f32 rounding only
+    assert "drift" not in run_logging.console_line({**base, "mismatch/logprob_abs_diff": 5e-7})  # f32 rounding only
+
+
+def test_console_line_fits_the_method():
+    m = {"step": 7, "loss": 0.0001, "reward/accuracy": 0.25, "guidance/length": 24.0, "guidance/reward_guided": 0.5,
+         "guidance/reward_unguided": 0.125, "zero_std_group_fraction": 0.75, "guidance/advantage_std": 0.5,
+         "grad_norm": 0.1, "entropy": 1.0, "completion/mean_tokens": 60.0, "time/sample_s": 1.0, "time/reward_s": 0.1,
+         "time/step_s": 2.0, "throughput/tokens_per_s": 512.4}
+    guided = run_logging.console_line(m)
+    assert guided.startswith("step     7 | loss 0.0001 | acc 0.250 (guided 0.50 / free 0.12) | ℓ 24 | grad 0.100")
+    assert guided.endswith("step 2.0s | 512 tok/s") and "zero-std" not in guided
+    assert "| ℓ 24% |" in run_logging.console_line(m, "guided", "percent")  # ℓ in its guidance.length_unit
+    assert "| ℓ 24 steps |" in run_logging.console_line(m, "guided", "steps")
+    grpo = run_logging.console_line(m, "grpo")
+    assert "| acc 0.250 | zero-std groups 0.75 | grad" in grpo and "ℓ" not in grpo and "guided" not in grpo
+    sft = run_logging.console_line(m, "sft")
+    assert sft == "step     7 | loss 0.0001 | grad 0.100 | entropy 1.00 | len 60 | step 2.0s | 512 tok/s"

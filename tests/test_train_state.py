@@ -122,9 +122,9 @@ def test_optimizer_matches_numpy_adamw_with_clipping_and_decay_mask():
 
 @pytest.mark.parametrize(
     "key,value,message",
-    [("learning_rate", -1.0, "optimizer.learning_rate=-1.0"), ("b2", 1.0, "optimizer.b2=1.0"),
-     ("total_steps", 1, "optimizer.total_steps=1 is not valid; valid: an integer >= max\\(1, warmup_steps=2\\)"),
-     ("min_learning_rate", 1.0, "optimizer.min_learning_rate=1.0")],
+    [("learning_rate", -1.0, "optim.learning_rate=-1.0"), ("b2", 1.0, "optim.b2=1.0"),
+     ("total_steps", 1, "optim.total_steps=1 is not valid; valid: an integer >= max\\(1, warmup_steps=2\\)"),
+     ("min_learning_rate", 1.0, "optim.min_learning_rate=1.0")],
 )
 def test_bad_optimizer_config_names_key(key, value, message):
     with pytest.raises(ValueError, match=message):

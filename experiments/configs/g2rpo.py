@@ -83,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
         "max_nonfinite_steps": 10,  # skipped non-finite steps in a row that stop the run; 0 = never stop
         "eval_every": 0,  # steps between evaluations with the `eval` section; 0 = never
         "save_hf_at_end": True,
+        # What the run writes besides metrics.jsonl (g2rpo_jax/run_logging.py).
+        "rollout_samples": 2,  # groups per step logged to rollouts.jsonl (texts, rewards, advantages); 0 = off
+        "tensorboard": True,  # TensorBoard event files in WORKDIR/tensorboard
+        "wandb_project": "",  # Weights & Biases project ('' = off; needs the wandb package)
+        "wandb_mode": "online",  # online | offline (upload later with `wandb sync`)
     })
     cfg.eval = evaluation.get_default_config()  # tasks, sampling and scoring of periodic evaluation
     cfg.eval.tasks = "math500"

@@ -31,7 +31,15 @@ def get_default_config() -> config_dict.ConfigDict:
 def prepare_from_config(cfg: config_dict.ConfigDict, tokenizer: Any) -> PreparedPrompts:
     """Loads, adapts and tokenizes the configured dataset, applying the length policy."""
     examples = load_examples(cfg.source, cfg.adapter, split=cfg.split or None, limit=cfg.limit or None)
-    return prepare_prompts(examples, tokenizer, PromptSettings.from_config(cfg, "data"))
+    if not examples:
+        raise ValueError(f"data.source={cfg.source!r} (data.adapter={cfg.adapter!r}, data.split={cfg.split!r}) holds "
+                         "no examples: the file is empty or the split has no rows; point data.source at the data")
+    prepared = prepare_prompts(examples, tokenizer, PromptSettings.from_config(cfg, "data"))
+    if not len(prepared):
+        raise ValueError(f"all {len(examples)} prompts of data.source={cfg.source!r} are longer than "
+                         f"data.max_prompt_tokens={cfg.max_prompt_tokens} tokens and data.overlong='drop' removed "
+                         "them; raise data.max_prompt_tokens or set data.overlong='truncate_left'")
+    return prepared
 
 
 def iterator_from_config(

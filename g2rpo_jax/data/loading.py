@@ -11,6 +11,7 @@ from typing import Iterator
 
 from g2rpo_jax.data.adapters import Adapter, get_adapter
 from g2rpo_jax.data.example import Example
+from g2rpo_jax.paths import relative_hint
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def read_records(source: str, split: str | None = None) -> Iterator[dict]:
             "local file (leave split empty)"
         )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"source={source!r}: no such file")
+        raise FileNotFoundError(f"source={source!r}: no such file{relative_hint(source)}")
     if path.endswith(".parquet"):
         return _read_parquet(path)
     if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):

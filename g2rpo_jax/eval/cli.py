@@ -8,11 +8,13 @@ rows done, rows/s, ETA) goes to stderr; the result table to stdout.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
 
 from ml_collections import config_dict
+from g2rpo_jax import command_line
 
 from g2rpo_jax.eval.harness import evaluate
 from g2rpo_jax.eval.report import logger, markdown_table, write_summary
@@ -67,15 +69,20 @@ def parse_command_line(argv: Sequence[str]) -> config_dict.ConfigDict:
     from absl import flags  # noqa: PLC0415
 
     argv = list(argv)
-    flag_values = _define_flags(argv)
+    try:  # overrides of the default config are checked as the flags are defined
+        flag_values = _define_flags(argv)
+    except (KeyError, AttributeError, ValueError) as error:
+        raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv)) from None
     if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
-        print(f"usage: {PROGRAM} --checkpoint DIR --tasks math500,humaneval --output_dir OUT "
-              "[--config=FILE] [--config.KEY=VALUE ...]\n" + flag_values.get_help())
+        usage = (f"usage: {PROGRAM} --checkpoint DIR --tasks math500,humaneval --output_dir OUT "
+                 "[--config=FILE] [--config.KEY=VALUE ...]")
+        presets = os.path.join(os.path.dirname(command_line.TRAINING_CONFIGS), "eval.py")
+        print(command_line.config_file_help(usage, presets) + "\n\n" + flag_values.get_help())
         raise SystemExit(0)
     try:
         rest = flag_values(argv)
-    except flags.Error as error:
-        raise SystemExit(f"{PROGRAM}: {error}") from error
+    except (flags.Error, KeyError, AttributeError, ValueError) as error:
+        raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv)) from None
     if len(rest) > 1:
         raise SystemExit(f"{PROGRAM}: unexpected arguments {rest[1:]}")
     config = flag_values.config

@@ -47,12 +47,14 @@ def task_rng(seed: int, task_name: str) -> jax.Array:
 
 def sample_chunk(cfg, params, tokenizer, prompts: Sequence[Sequence[int]], *, rng: jax.Array,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                 stop_ids: Sequence[int], pad_id: int, mesh=None) -> list[Generation]:
+                 stop_ids: Sequence[int], pad_id: int, mesh=None, rules=None) -> list[Generation]:
     """One sampler call over a chunk of N prompts (token ids); N completions decoded without
-    special tokens, each ending at its first stop id or after max_new_tokens tokens."""
+    special tokens, each ending at its first stop id or after max_new_tokens tokens. With a mesh,
+    rows are sharded as `rules` (the config's mesh.rules; None = the defaults) say."""
+    layout = {} if rules is None else {"rules": tuple(rules)}
     out = sampling.sample(cfg, params, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=tuple(stop_ids),
-                          rng=rng, pad_id=pad_id, mesh=mesh)
+                          rng=rng, pad_id=pad_id, mesh=mesh, **layout)
     generations = []
     for row in range(len(prompts)):
         length = int(out.lengths[row])

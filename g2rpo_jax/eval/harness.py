@@ -90,7 +90,7 @@ def _prompt_texts(examples: Sequence[data.Example], tokenizer, prompt: data.Prom
 
 
 def _chunk_generator(task: EvalTask, examples, prompt_ids, cfg, params, tokenizer, settings: EvalSettings,
-                     completions_fn: CompletionsFn | None, mesh) -> Callable[[tuple[int, list[Row]]], list[Generation]]:
+                     completions_fn: CompletionsFn | None, mesh, rules) -> Callable[[tuple[int, list[Row]]], list[Generation]]:
     """generate((chunk index, rows)) -> a Generation per row: the sampler's (key: the task's key
     folded with the chunk index), or completions_fn's, asked once for the whole task."""
     if completions_fn is not None:
@@ -103,13 +103,13 @@ def _chunk_generator(task: EvalTask, examples, prompt_ids, cfg, params, tokenize
         chunk_index, rows = indexed
         return sample_chunk(cfg, params, tokenizer, [prompt_ids[p] for p, _ in rows],
                             rng=jax.random.fold_in(key, chunk_index), stop_ids=stop_ids, pad_id=pad_id,
-                            mesh=mesh, **settings.sampler_options())
+                            mesh=mesh, rules=rules, **settings.sampler_options())
     return generate
 
 
 def evaluate_task(task: EvalTask, cfg, params, tokenizer, settings: EvalSettings, records: RecordWriter, *,
                   completions_fn: CompletionsFn | None = None, pool: rewards.RewardPool | None = None,
-                  mesh=None, pass_k: Sequence[int] | None = None) -> dict[str, Any]:
+                  mesh=None, rules=None, pass_k: Sequence[int] | None = None) -> dict[str, Any]:
     """One task: generate settings.num_samples completions per problem in chunks of
     settings.batch_size rows, score them (overlapped with the next chunk's sampling when there is
     a reward pool), write each to `records`, log progress; returns the task's metrics (pass@k for
@@ -118,7 +118,8 @@ def evaluate_task(task: EvalTask, cfg, params, tokenizer, settings: EvalSettings
     pass_k = resolve_pass_k(settings.pass_k, settings.num_samples) if pass_k is None else pass_k
     examples, prompt_ids, dropped = _task_prompts(task, tokenizer, settings.prompt)
     texts = _prompt_texts(examples, tokenizer, settings.prompt)
-    generate = _chunk_generator(task, examples, prompt_ids, cfg, params, tokenizer, settings, completions_fn, mesh)
+    generate = _chunk_generator(task, examples, prompt_ids, cfg, params, tokenizer, settings, completions_fn, mesh,
+                                rules)
     lengths = [len(ids) for ids in prompt_ids] if prompt_ids is not None else [0] * len(examples)
     chunks = plan_rows(lengths, settings.num_samples, settings.batch_size)
     tally = TaskTally(len(examples), settings.num_samples)
@@ -172,7 +173,7 @@ def _reward_pool(pool: rewards.RewardPool | None, settings: rewards.RewardSettin
 def evaluate(cfg, params, tokenizer, tasks: Sequence[str | TaskSpec | EvalTask] | str,
              settings: EvalSettings | None = None, *, output_dir: str | None = None,
              completions_fn: CompletionsFn | None = None, pool: rewards.RewardPool | None = None,
-             mesh=None, step: int | None = None) -> dict[str, Any]:
+             mesh=None, rules=None, step: int | None = None) -> dict[str, Any]:
     """Samples settings.num_samples completions per problem of every task, scores them, returns the summary.
 
     tasks: registry names / 'file:PATH:ADAPTER' strings (or one comma-separated string),
@@ -182,7 +183,8 @@ def evaluate(cfg, params, tokenizer, tasks: Sequence[str | TaskSpec | EvalTask] 
     tokenizer may be None). pool: a started RewardPool to score on; None starts one for this
     call when settings.rewards.num_workers > 0 (code runs in sandboxed subprocesses either way).
     output_dir: where generations.jsonl, summary.json and summary.md go (None = no files).
-    step: the training step, recorded in the files.
+    step: the training step, recorded in the files. mesh, rules: the device mesh the sampler shards
+    its rows over and the config's mesh.rules (None = the default rules).
 
     Returns {"tasks": {name: metrics}, "macro_average": {...}, "settings": {...}, "step", "files"}.
     Raises ValueError for bad settings or tasks before any sampling.
@@ -197,7 +199,8 @@ def evaluate(cfg, params, tokenizer, tasks: Sequence[str | TaskSpec | EvalTask] 
     with RecordWriter(files.get("generations"), step) as records, _reward_pool(pool, settings.rewards) as pool:
         for task in loaded:
             results[task.name] = evaluate_task(task, cfg, params, tokenizer, settings, records,
-                                               completions_fn=completions_fn, pool=pool, mesh=mesh, pass_k=ks)
+                                               completions_fn=completions_fn, pool=pool, mesh=mesh, rules=rules,
+                                               pass_k=ks)
             records.flush()
             logger.info("eval %s: %s", task.name,
                         ", ".join(f"pass@{k}={results[task.name][f'pass@{k}']:.4f}" for k in ks))

@@ -20,6 +20,7 @@ from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax.models import safetensors_io
 from g2rpo_jax.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
 from g2rpo_jax.models.decoder import init_params, param_logical_axes
+from g2rpo_jax.paths import relative_hint
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -70,7 +71,8 @@ def _set(tree: dict, path, value) -> None:
 def read_config(path: str, dtype: Any = jnp.float32) -> ModelConfig:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"{path!r} is not a Hugging Face model directory: {config_path} is missing")
+        raise ValueError(f"{path!r} is not a Hugging Face model directory: {config_path} is missing"
+                         f"{relative_hint(path)}")
     with open(config_path) as f:
         return config_from_hf(json.load(f), dtype)
 

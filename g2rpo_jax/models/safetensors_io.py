@@ -36,13 +36,29 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            first = f.read(8)
+            if len(first) < 8:
+                raise self._damaged(f"{size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", first)
+            if 8 + header_len > size:
+                raise self._damaged(f"its header claims {header_len} bytes but the file has {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise self._damaged(f"its header is not valid JSON ({error})") from None
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._data_start = 8 + header_len
+        data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if self._data_start + data_end > size:
+            raise self._damaged(f"its tensors need {self._data_start + data_end} bytes but the file has {size}")
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) > self._data_start else None
+
+    def _damaged(self, cause: str) -> ValueError:
+        return ValueError(f"{self.path} is not a complete safetensors file: {cause}; it is truncated or "
+                          "corrupted (an interrupted copy or download?): copy or save the checkpoint again")
 
     def keys(self) -> list[str]:
         return list(self._entries)

