@@ -151,8 +151,8 @@ def eval_score(metrics: dict) -> Optional[float]:
 
 
 class StartError(ValueError):
-    """A mistake found before any work (a bad config value, data or checkpoint): the command line
-    prints its message alone, without a traceback."""
+    """A mistake found before any work (a bad config value, a missing or damaged data file or
+    checkpoint): the command line prints its message alone, without a traceback."""
 
 
 def open_run_dir(cfg: ml_collections.ConfigDict, mesh) -> tuple[str, dict, object]:
@@ -391,7 +391,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         run = start_run(cfg)
     except BaseException as error:  # a start that fails leaves no empty run directory behind
         resume.remove_empty_run_dir(cfg.run.workdir)
-        if isinstance(error, ValueError):
+        if isinstance(error, (ValueError, FileNotFoundError)):
             raise StartError(str(error)) from error
         raise
     method = run_logging.method_kind(cfg.step.loss_type, cfg.guidance.mode)

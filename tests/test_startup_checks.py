@@ -122,3 +122,10 @@ def test_empty_data_and_a_length_policy_that_drops_everything_are_named(tmp_path
     with pytest.raises(ValueError, match=r"all 2 prompts of data.source='.*two.jsonl' are longer than "
                                          r"data.max_prompt_tokens=2 tokens .* set data.overlong='truncate_left'"):
         data.prepare_from_config(cfg, tokenizer)
+
+
+def test_a_missing_data_file_stops_the_start_with_its_name(tmp_path):
+    cfg = demo_config(tmp_path / "run")
+    cfg.data.source = str(tmp_path / "absent.jsonl")
+    with pytest.raises(train.StartError, match=r"source='.*absent.jsonl': no such file"):
+        train.train(cfg)
