@@ -8,6 +8,7 @@ exception into the flag as typed, the cause, and the fix.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import sys
@@ -39,14 +40,46 @@ def _suggestion(error: BaseException) -> str:
     return f'; did you mean "{match.group(1)}"?' if match else ""
 
 
-def flag_error_message(program: str, error: BaseException, argv: Sequence[str]) -> str:
-    """`program: <flag as typed>: <cause>` for an exception raised while parsing `argv`'s flags."""
+def _config_from_argv(argv: Sequence[str]):
+    """The config `--config=FILE[:ARG]` in argv names, built without overrides; None when absent or
+    when it cannot be built (its own error is reported elsewhere)."""
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, config_arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_config_for_keys", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(config_arg) if config_arg else module.get_config()
+    except Exception:  # noqa: BLE001 -- only used to list keys
+        return None
+
+
+def _valid_keys(config, typed: str, key: str) -> str:
+    """'; valid keys of guidance: alpha, delta, ...' for the section `typed` (--config.a.b.key) points
+    into, or '' when the config or the section is unknown."""
+    node = config
+    for part in typed.removeprefix("--config.").split("."):
+        if part == key or not hasattr(node, "keys") or part not in node:
+            break
+        node = node[part]
+    if node is None or not hasattr(node, "keys"):
+        return ""
+    where = typed.removeprefix("--config.").rsplit(key, 1)[0].rstrip(".") or "the config"
+    return f"; valid keys of {where}: {', '.join(sorted(node.keys()))}"
+
+
+def flag_error_message(program: str, error: BaseException, argv: Sequence[str], config=None) -> str:
+    """`program: <flag as typed>: <cause>` for an exception raised while parsing `argv`'s flags.
+    `config`: the config being overridden (None = the one `--config=` in argv names), whose keys
+    an unknown-key message lists."""
     key = _unknown_key(error)
     if key is not None:
         names = [arg.split("=")[0] for arg in argv if arg.startswith("--config.")]
         typed = next((n for n in names if n.endswith(f".{key}") or f".{key}." in n), f"--config.<...>.{key}")
-        return (f"{program}: {typed}: the config has no key {key!r}{_suggestion(error)} "
-                f"(--helpfull lists every --config.* key of the preset)")
+        keys = _valid_keys(config if config is not None else _config_from_argv(argv), typed, key)
+        return f"{program}: {typed}: the config has no key {key!r}{_suggestion(error)}{keys}"
     innermost = _innermost(error)
     cause = str(innermost).strip().splitlines()
     last = cause[-1] if cause else type(error).__name__
@@ -66,7 +99,7 @@ def config_flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
-        except (flags.Error, KeyError, AttributeError, ValueError) as error:
+        except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
             print(flag_error_message(program, error, argv), file=sys.stderr)
             raise SystemExit(2) from None
 

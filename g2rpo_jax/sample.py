@@ -59,6 +59,15 @@ def render(tokenizer, guide: list[int], rest: list[int], highlight: bool) -> str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return generate(args)
+    except (ValueError, FileNotFoundError) as error:  # our messages name the flag or file and the fix
+        print(f"python -m g2rpo_jax.sample: {error}", file=sys.stderr)
+        return 2
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Loads the checkpoint, samples and prints the completions; returns the exit status."""
     start = time.perf_counter()
     cfg, params = models.load_hf(args.checkpoint, dtype=jnp.dtype(args.dtype))
     tokenizer = models.load_tokenizer(args.checkpoint)

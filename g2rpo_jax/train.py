@@ -111,7 +111,14 @@ def abstract_params(model_cfg, dtype):
 
 
 def validate_config(cfg: ml_collections.ConfigDict, mesh) -> None:
-    """Every check that needs no data and no model, so a mistake stops the run before any work."""
+    """Every check that needs no data and no model, so a mistake stops the run before any work.
+    The run's own keys come first: other sections derive values from them (optim.total_steps)."""
+    for key, low in (("total_steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("max_checkpoints", 0),
+                     ("eval_every", 0), ("max_nonfinite_steps", 0)):
+        value = cfg.run[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"run.{key}={value!r} is not valid; valid: an integer >= {low}")
+    models.resolve_dtype(cfg.model.dtype, "model.dtype")
     train_step_lib.validate_config(cfg.step)
     architecture = cfg.model.get("random_init_architecture") or "Qwen3ForCausalLM"
     if cfg.model.random_init and architecture not in models.SUPPORTED_ARCHITECTURES:
@@ -123,11 +130,6 @@ def validate_config(cfg: ml_collections.ConfigDict, mesh) -> None:
     rewards.settings_from_config(cfg.rewards)
     train_step_lib.validate_layout(cfg.data.batch_size * cfg.step.group_size, cfg.step.group_size,
                                    cfg.step.micro_batch_size, mesh, tuple(cfg.mesh.rules))
-    for key, low in (("total_steps", 0), ("log_every", 1), ("checkpoint_every", 1), ("max_checkpoints", 0),
-                     ("eval_every", 0), ("max_nonfinite_steps", 0)):
-        value = cfg.run[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"run.{key}={value!r} is not valid; valid: an integer >= {low}")
     run_logging.validate_config(cfg.run)  # rollout_samples, tensorboard, wandb_project, wandb_mode
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from g2rpo_jax import command_line
@@ -24,12 +25,14 @@ def test_message_names_the_unknown_key_as_typed_and_the_nearest_one():
     error = chained(AttributeError('\'alpah\'\nDid you mean "alpha" instead of "alpah"?'),
                     KeyError('\'alpah\'\nDid you mean "alpha" instead of "alpah"?'), KeyError("alpah"))
     argv = ["prog", "--config=x.py:demo", "--config.run.seed=3", "--config.guidance.alpah=0.5"]
-    assert command_line.flag_error_message("prog", error, argv) == (
-        'prog: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"? '
-        "(--helpfull lists every --config.* key of the preset)")
+    config = ml_collections.ConfigDict({"run": {"seed": 0}, "guidance": {"alpha": 0.5, "delta": 4}})
+    assert command_line.flag_error_message("prog", error, argv, config) == (
+        'prog: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"?; valid keys of '
+        "guidance: alpha, delta")
     section = chained(KeyError("'guidanse'\nDid you mean \"guidance\" instead of \"guidanse\"?"))
-    message = command_line.flag_error_message("prog", section, ["prog", "--config.guidanse.alpha=1"])
-    assert message.startswith('prog: --config.guidanse.alpha: the config has no key \'guidanse\'; did you mean "guidance"?')
+    message = command_line.flag_error_message("prog", section, ["prog", "--config.guidanse.alpha=1"], config)
+    assert message == ('prog: --config.guidanse.alpha: the config has no key \'guidanse\'; did you mean "guidance"?; '
+                       "valid keys of the config: guidance, run")
 
 
 def test_message_keeps_the_flag_and_the_innermost_cause():
@@ -42,9 +45,9 @@ def test_message_keeps_the_flag_and_the_innermost_cause():
 def test_evaluation_command_line_names_a_misspelled_key():
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.parse_command_line(["g2rpo_jax.eval", "--checkpoint", "x", "--config.temperatur=0.5"])
-    assert str(exit_info.value) == (
+    assert str(exit_info.value).startswith(
         'python -m g2rpo_jax.eval: --config.temperatur: the config has no key \'temperatur\'; did you mean '
-        '"temperature"? (--helpfull lists every --config.* key of the preset)')
+        '"temperature"?; valid keys of the config: batch_size, checkpoint,')
 
 
 def test_training_command_line_prints_one_line_and_exits_2():
@@ -53,8 +56,9 @@ def test_training_command_line_prints_one_line_and_exits_2():
          "--config.guidance.alpah=0.5"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        'python -m g2rpo_jax.train: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"? '
-        "(--helpfull lists every --config.* key of the preset)")
+        'python -m g2rpo_jax.train: --config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"?; '
+        "valid keys of guidance: alpha, delta, initial_length, length_unit, max_length, min_length, mode, "
+        "per_problem, placement, reward_source, step_delimiter, total_steps, trigger, update_every, window")
     assert "Traceback" not in result.stderr
 
 
@@ -70,8 +74,10 @@ def test_help_lists_the_presets_of_the_config_files(capsys, tmp_path):
     assert "paper_math" in printed and "--num_samples" in printed
 
 
-def test_a_relative_config_path_from_another_folder_names_the_working_directory(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "g2rpo_jax.train", "--config=experiments/configs/g2rpo.py:demo"],
+@pytest.mark.parametrize("overrides", [(), ("--config.run.total_steps=1",)])
+def test_a_relative_config_path_from_another_folder_names_the_working_directory(tmp_path, overrides):
+    result = subprocess.run([sys.executable, "-m", "g2rpo_jax.train", "--config=experiments/configs/g2rpo.py:demo",
+                             *overrides],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -90,3 +96,15 @@ def test_a_bad_value_found_at_start_up_prints_its_message_alone(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "python -m g2rpo_jax.train: step.group_size=0 is not valid; valid: an integer >= 1")
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_and_sampling_print_a_bad_input_alone_and_exit_2(tmp_path, capsys):
+    from g2rpo_jax import sample  # noqa: PLC0415
+
+    missing = str(tmp_path / "absent")
+    expected = f"'{missing}' is not a Hugging Face model directory: {missing}/config.json is missing"
+    assert sample.main(["--checkpoint", missing, "--prompt", "1+2="]) == 2
+    assert capsys.readouterr().err.strip() == f"python -m g2rpo_jax.sample: {expected}"
+    assert eval_cli.main(["g2rpo_jax.eval", "--checkpoint", missing, "--tasks", "math500",
+                          "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m g2rpo_jax.eval: {expected}"

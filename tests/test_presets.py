@@ -101,6 +101,7 @@ def test_names_are_checked_and_legacy_presets_keep_their_variants():
         configs.get_config("qwen3_0_6b_code,dapo")
     with pytest.raises(ValueError, match=r"variant 'grpo_mu2' is unknown"):
         configs.get_config("demo,grpo_mu2")  # the legacy presets keep exactly their old variants
+    assert configs.get_config("demo,g2rpo_a").guidance.mode == "adaptive"  # the method's paper name works too
     demo = configs.get_config("demo,clip_higher")
     assert (demo.step.num_iterations, demo.step.epsilon_high, demo.model.dtype) == (1, 0.28, "float32")
 

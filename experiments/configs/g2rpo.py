@@ -167,6 +167,7 @@ def qwen3_code(cfg: ml_collections.ConfigDict) -> None:
 
 
 def apply_variant(cfg: ml_collections.ConfigDict, variant: str) -> None:
+    variant = {"g2rpo_a": "adaptive"}.get(variant, variant)  # the paper presets' name of the method
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; valid: {VARIANTS}")
     if variant in ("grpo", "clip_higher"):

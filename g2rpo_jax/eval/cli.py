@@ -71,8 +71,9 @@ def parse_command_line(argv: Sequence[str]) -> config_dict.ConfigDict:
     argv = list(argv)
     try:  # overrides of the default config are checked as the flags are defined
         flag_values = _define_flags(argv)
-    except (KeyError, AttributeError, ValueError) as error:
-        raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv)) from None
+    except (KeyError, AttributeError, ValueError, OSError) as error:
+        defaults = None if any(a.startswith("--config=") for a in argv) else get_default_config()
+        raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv, defaults)) from None
     if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
         usage = (f"usage: {PROGRAM} --checkpoint DIR --tasks math500,humaneval --output_dir OUT "
                  "[--config=FILE] [--config.KEY=VALUE ...]")
@@ -128,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (argv[0] is the program name; None = sys.argv); returns the exit status."""
     config = parse_command_line(sys.argv if argv is None else argv)
     show_progress_on_stderr()
-    summary = run(config)
+    try:
+        summary = run(config)
+    except (ValueError, FileNotFoundError) as error:  # our messages name the flag or file and the fix
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 2
     print(markdown_table(summary))
     print(f"generations: {summary['files']['generations']}\nsummary: {summary['files']['summary_json']}, "
           f"{summary['files']['summary_md']}")
