@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import io
 import json
 import math
@@ -191,6 +192,20 @@ def line_style(index: int, count: int, points: int) -> dict:
                 linewidth=1.4)
 
 
+def unmatched_panel_warnings(patterns: Sequence[str], runs: Mapping[str, Sequence[Mapping]],
+                             without_reward: Collection[str] = ()) -> list[str]:
+    """One line per pattern that no run logged, with the closest logged names (a misspelled panel
+    would otherwise just be missing from the figure)."""
+    logged = sorted({key for records in runs.values() for record in records for key in record})
+    warnings = []
+    for pattern in patterns:
+        if not expand_panels([pattern], runs, without_reward):
+            near = difflib.get_close_matches(pattern, logged, n=3)
+            warnings.append(f"no run logged {pattern!r}" + (f"; did you mean {', '.join(map(repr, near))}?"
+                                                            if near else ""))
+    return warnings
+
+
 def render(runs: Mapping[str, Sequence[Mapping]], panels: Sequence[str], without_reward: Collection[str] = ()):
     """A figure with one axis per panel and one line per run (none for runs in `without_reward` on
     reward panels), integer steps on the x axes; returns the matplotlib Figure."""
@@ -264,7 +279,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = [load_run(run_dir, label) for run_dir, label in zip(args.run_dirs, run_labels(args.run_dirs))]
     metrics = {run.label: run.records for run in runs}
     without_reward = {run.label for run in runs if not run.has_reward}
-    panels = expand_panels([p.strip() for p in args.panels.split(",") if p.strip()], metrics, without_reward)
+    requested = [p.strip() for p in args.panels.split(",") if p.strip()]
+    panels = expand_panels(requested, metrics, without_reward)
+    if args.panels != ",".join(DEFAULT_PANELS):  # names typed by hand: say which matched nothing
+        for warning in unmatched_panel_warnings(requested, metrics, without_reward):
+            print(f"[plot] warning: {warning}", file=sys.stderr)
     if not panels:
         print(f"[plot] none of the panels {args.panels!r} is in the runs' metrics; pass --panels with names "
               "from metrics.jsonl", file=sys.stderr)

@@ -73,6 +73,10 @@ def generate(args: argparse.Namespace) -> int:
     tokenizer = models.load_tokenizer(args.checkpoint)
     prompt = encode_prompt(tokenizer, args.prompt, not args.no_chat_template, args.enable_thinking)
     guide = tokenizer.encode(args.guide, add_special_tokens=False) if args.guide else []
+    if len(prompt) + args.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"the prompt ({len(prompt)} tokens) + --max_new_tokens={args.max_new_tokens} = "
+                         f"{len(prompt) + args.max_new_tokens} positions, more than the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}; lower --max_new_tokens")
     eos_ids = data.stop_token_ids(tokenizer)
     pad_id = data.pad_token_id(tokenizer)
     print(f"[sample] loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s; prompt {len(prompt)} tokens, "

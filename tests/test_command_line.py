@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from g2rpo_jax import command_line
 from g2rpo_jax.eval import cli as eval_cli
-from tests.stand_in import REPO
+from tests.stand_in import CHAR_TOKENIZER, REPO
 
 
 def chained(*errors: BaseException) -> BaseException:
@@ -108,3 +109,23 @@ def test_evaluation_and_sampling_print_a_bad_input_alone_and_exit_2(tmp_path, ca
     assert eval_cli.main(["g2rpo_jax.eval", "--checkpoint", missing, "--tasks", "math500",
                           "--output_dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m g2rpo_jax.eval: {expected}"
+
+
+def test_evaluation_and_sampling_refuse_completions_beyond_the_model_positions(tmp_path, capsys):
+    from g2rpo_jax import models, sample  # noqa: PLC0415
+
+    tokenizer = models.load_tokenizer(CHAR_TOKENIZER)
+    checkpoint = models.write_random_checkpoint(str(tmp_path / "model"), models.tiny_config_for(tokenizer),
+                                                tokenizer_dir=CHAR_TOKENIZER)
+    limit = models.read_config(checkpoint).max_position_embeddings
+    assert sample.main(["--checkpoint", checkpoint, "--prompt", "1+2=", "--no_chat_template",
+                        "--max_new_tokens", str(limit)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m g2rpo_jax.sample: the prompt (4 tokens) + --max_new_tokens={limit} = {limit + 4} positions, more "
+        f"than the model's max_position_embeddings={limit}; lower --max_new_tokens")
+    (tmp_path / "task.jsonl").write_text('{"problem": "1+2=", "solution": "\\\\boxed{3}"}\n')
+    assert eval_cli.main(["g2rpo_jax.eval", "--checkpoint", checkpoint, "--tasks", f"file:{tmp_path / 'task.jsonl'}:math",
+                          "--max_new_tokens", str(limit), "--output_dir", str(tmp_path / "out"),
+                          "--config.prompt.template=plain", "--config.prompt.instruction="]) == 2
+    assert re.search(rf"the longest prompt \(\d+ tokens\) \+ max_new_tokens={limit} = \d+ positions, more than the "
+                     rf"model's max_position_embeddings={limit}", capsys.readouterr().err)

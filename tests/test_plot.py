@@ -81,7 +81,11 @@ def test_cli_draws_every_run_on_every_panel(tmp_path, capsys):
     assert plot.main(runs + ["--out", str(out), "--panels", "reward/mean,guidance/length,kl"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "compare.html").is_file()  # the report goes next to the PNG by default
-    assert "2 panels (reward/mean, guidance/length)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "2 panels (reward/mean, guidance/length)" in printed.out
+    assert "[plot] warning: no run logged 'kl'" in printed.err  # a panel named by hand that matched nothing
+    assert plot.unmatched_panel_warnings(["rewrd/mean", "reward/*"], {"grpo": grpo}) == [
+        "no run logged 'rewrd/mean'; did you mean 'reward/mean'?"]
     assert plot.main(runs + ["--out", str(tmp_path / "only.png"), "--no_html"]) == 0
     assert (tmp_path / "only.png").is_file() and not (tmp_path / "only.html").exists()
 

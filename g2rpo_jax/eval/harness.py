@@ -107,6 +107,15 @@ def _chunk_generator(task: EvalTask, examples, prompt_ids, cfg, params, tokenize
     return generate
 
 
+def _check_positions(task: EvalTask, prompt_ids, max_new_tokens: int, cfg) -> None:
+    """Refuses a task whose longest prompt plus the completion budget exceeds the model's positions."""
+    longest = max(map(len, prompt_ids), default=0)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"task {task.name!r}: the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} "
+                         f"= {longest + max_new_tokens} positions, more than the model's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}; lower max_new_tokens or prompt.max_prompt_tokens")
+
+
 def evaluate_task(task: EvalTask, cfg, params, tokenizer, settings: EvalSettings, records: RecordWriter, *,
                   completions_fn: CompletionsFn | None = None, pool: rewards.RewardPool | None = None,
                   mesh=None, rules=None, pass_k: Sequence[int] | None = None) -> dict[str, Any]:
@@ -117,6 +126,8 @@ def evaluate_task(task: EvalTask, cfg, params, tokenizer, settings: EvalSettings
     started = time.monotonic()
     pass_k = resolve_pass_k(settings.pass_k, settings.num_samples) if pass_k is None else pass_k
     examples, prompt_ids, dropped = _task_prompts(task, tokenizer, settings.prompt)
+    if completions_fn is None:
+        _check_positions(task, prompt_ids, settings.max_new_tokens, cfg)
     texts = _prompt_texts(examples, tokenizer, settings.prompt)
     generate = _chunk_generator(task, examples, prompt_ids, cfg, params, tokenizer, settings, completions_fn, mesh,
                                 rules)
