@@ -80,7 +80,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         where = "" if os.path.isdir(run_dir) else f" (the directory {run_dir} itself does not exist)"
         raise FileNotFoundError(f"{path} does not exist{where}; pass the run directory that "
-                                "`python -m g2rpo_jax.train` wrote (its --config.workdir)")
+                                "`python -m g2rpo_jax.train` wrote (its --config.run.workdir)")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line for line in f.read().splitlines() if line.strip()]
