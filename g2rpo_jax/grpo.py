@@ -225,6 +225,11 @@ def _masked_sequence_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return safe_divide((values * weights).sum(axis=1), weights.sum(axis=1))
 
 
+def _skips_kl(beta) -> bool:
+    """beta is a Python 0: the KL term is left out of the program (a traced beta always keeps it)."""
+    return isinstance(beta, (int, float)) and beta == 0
+
+
 def _check_policy_loss_inputs(logprobs, old_logprobs, ref_logprobs, advantages, mask, guided_mask, entropy,
                               policy_mask, tis_weights, *, loss_type, kl, guided, importance_level,
                               max_completion_length, beta, dual_clip_c, kl_clamp, entropy_coef, guide_nll_coef):
@@ -241,7 +246,7 @@ def _check_policy_loss_inputs(logprobs, old_logprobs, ref_logprobs, advantages, 
     for name, array in (("entropy", entropy), ("policy_mask", policy_mask), ("tis_weights", tis_weights)):
         if array is not None:
             chex.assert_equal_shape([logprobs, array])
-    if ref_logprobs is None and not (isinstance(beta, (int, float)) and beta == 0):
+    if ref_logprobs is None and not _skips_kl(beta):
         raise ValueError(f"ref_logprobs=None needs beta=0 (no KL term); got beta={beta}")
     if ref_logprobs is not None:
         chex.assert_equal_shape([logprobs, ref_logprobs])
@@ -367,7 +372,7 @@ def policy_loss(
                               importance_level=importance_level, max_completion_length=max_completion_length,
                               beta=beta, dual_clip_c=dual_clip_c, kl_clamp=kl_clamp, entropy_coef=entropy_coef,
                               guide_nll_coef=guide_nll_coef)
-    skip_kl = isinstance(beta, (int, float)) and beta == 0
+    skip_kl = _skips_kl(beta)
     logprobs = as_float(logprobs)
     advantages = as_float(advantages)
     loss_tokens, guide = _token_masks(mask, guided_mask, guided)  # [B, T] each

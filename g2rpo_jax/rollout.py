@@ -299,6 +299,7 @@ class RolloutCollector:
         self.tokenizer, self.prepared, self.scorer, self.mesh = tokenizer, prepared, scorer, mesh
         self.rules = tuple(cfg.mesh.rules) if "mesh" in cfg else sharding.DEFAULT_RULES
         self.pad_id = data.pad_token_id(tokenizer)
+        self.chunk_rows = int(cfg.sampling.get("chunk_rows", 0))  # 0: a whole round per sampler call
         self.eos_ids = data.stop_token_ids(tokenizer)
         self._step_ends: dict[int, tuple[int, ...]] = {}  # problem row -> its trajectory's step ends
         self.reward_seconds, self.extra_rollouts = 0.0, 0  # of the current `collect`
@@ -325,7 +326,7 @@ class RolloutCollector:
         """N rollouts (problem row and guide ids per rollout), sampled in chunks of
         `sampling.chunk_rows`, decoded and scored; scoring overlaps sampling with a reward pool."""
         count = len(problem_ids)
-        size = int(self.scfg.get("chunk_rows", 0)) or count
+        size = self.chunk_rows or count
         chunks = [range(start, min(start + size, count)) for start in range(0, count, size)]
         parts: list[Rollouts] = []
         pipelined(

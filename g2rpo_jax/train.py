@@ -332,7 +332,7 @@ def run_step(run: Run) -> dict:
         lengths_of = functools.partial(rollout.guide_lengths, run.state.guidance, cfg.guidance)
         rollouts, info = run.collector.collect(run.state.params, rows, lengths_of, run.state.step_key(step),
                                                lambda: next(run.iterator))
-        batch = rollout.to_batch(rollouts, data.pad_token_id(run.tokenizer))
+        batch = rollout.to_batch(rollouts, run.collector.pad_id)
     position_after_batch = run.iterator.get_state()  # after any refill draws
     train_start = time.perf_counter()
     run.state, state_metrics = run.step_fn(run.state, run.ref_params, batch)
