@@ -8,6 +8,10 @@ printed, or handed to a launcher), then their final evaluation numbers collected
     ... --launcher gpu --launcher_args="--nodes 2 --partition gpu"   each run through launch/gpu.py
     ... --collect                     only the table of the runs already in --out
 
+Before anything is printed or run, each run's config and overrides are checked as the train
+command checks them at start-up: a bad config file, key or value stops the sweep with that
+one-line error and exit status 2.
+
 --grid KEY=V1,V2,... (repeatable) spans the grid: every combination, the first key varying
 slowest. KEY is a config key (as after --config.) or `method`, which sets the method of the
 preset (`...g2rpo.py:qwen3_1_7b_math,<method>`). --set KEY=VALUE (repeatable) applies to every
@@ -41,6 +45,7 @@ import sys
 from typing import Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAM = "experiments/sweep.py"
 EVAL_CONFIG = "experiments/configs/eval.py"
 METHOD_KEY = "method"
 TABLE_MD, TABLE_CSV = "sweep.md", "sweep.csv"
@@ -131,6 +136,24 @@ def eval_command(run: Run, preset: str) -> list[str]:
     return [sys.executable, "-m", "g2rpo_jax.eval", f"--config={EVAL_CONFIG}:{preset}",
             f"--checkpoint={os.path.join(run.workdir, 'final_hf')}",
             f"--output_dir={os.path.join(run.workdir, FINAL_EVAL_DIR)}"]
+
+
+def check_runs(runs: Sequence[Run]) -> str | None:
+    """The one-line error `python -m g2rpo_jax.train` would stop with at start-up (a bad config
+    file, key or value) for the first run that has one, else None; from the repository root, where
+    the runs start."""
+    from g2rpo_jax import train  # noqa: PLC0415 (only needed once there are runs to check)
+
+    previous = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for run in runs:
+            error = train.check_args(PROGRAM, run.train_args)
+            if error:
+                return error
+    finally:
+        os.chdir(previous)
+    return None
 
 
 def is_finished(run: Run) -> bool:
@@ -300,7 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Local runs get absolute directories; through a launcher the path is the remote one.
         runs = plan(args.config, grid, fixed, args.out if args.launcher else os.path.abspath(args.out))
     except ValueError as error:
-        raise SystemExit(f"experiments/sweep.py: {error}") from error
+        raise SystemExit(f"{PROGRAM}: {error}") from error
+    error = None if args.collect else check_runs(runs)  # before any command is printed or run
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     if args.print_only:
         for run in runs:
             print(shlex.join(train_command(run, args.launcher, args.launcher_args)))

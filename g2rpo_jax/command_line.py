@@ -91,12 +91,20 @@ def flag_error_message(program: str, error: BaseException, argv: Sequence[str], 
     return f"{program}: {flag + ': ' if flag else ''}{last}"
 
 
-def config_flags_parser(program: str) -> Callable[[list[str]], list[str]]:
+HELP_FLAGS = ("-h", "--help", "-help", "-?", "--helpshort", "--helpfull")
+
+
+def config_flags_parser(program: str, help_text: str | None = None) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run` that exits with status 2 and one line on stderr when the
-    flags do not parse, instead of a traceback."""
+    flags do not parse, instead of a traceback. With `help_text`, --help (or -h, --helpfull)
+    prints it as written, line breaks and tables kept, and exits 0 (absl's own help rewraps
+    every paragraph and exits 1)."""
     from absl import flags  # noqa: PLC0415 (absl is only needed by the command lines)
 
     def parse(argv: list[str]) -> list[str]:
+        if help_text is not None and any(arg in HELP_FLAGS for arg in argv[1:]):
+            print(help_text)
+            raise SystemExit(0)
         try:
             return flags.FLAGS(argv)
         except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
@@ -104,6 +112,17 @@ def config_flags_parser(program: str) -> Callable[[list[str]], list[str]]:
             raise SystemExit(2) from None
 
     return parse
+
+
+def config_lines(config, indent: str = "  ") -> list[str]:
+    """`config` (a ConfigDict or dict) as indented `key: value` lines, a section's keys below it."""
+    lines = []
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            lines += [f"{indent}{key}:", *config_lines(value, indent + "  ")]
+        else:
+            lines.append(f"{indent}{key}: {value!r}")
+    return lines
 
 
 # The training configs of a source checkout; their docstring lists the presets and methods.

@@ -5,6 +5,7 @@ A resume compares the config saved with the checkpoint against the current one: 
 saved state's shapes, the meaning of the guidance state or the data order (`FIXED_ON_RESUME`) stop
 the run with the list of them; other changes are logged and applied. Each start keeps its config
 (`write_start_config`), and metrics.jsonl is cut back to the step resumed from (`truncate_metrics`).
+A re-run of a finished run (`completed_step`) trains nothing and only writes a missing export.
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ def newest_saved_config(manager) -> tuple[Optional[int], Optional[dict]]:
         except Exception:  # noqa: BLE001 -- damaged; the restore reports and skips it
             continue
     return None, None
+
+
+def final_hf_dir(workdir: str) -> str:
+    """Where a run exports its policy as a Hugging Face checkpoint at the end."""
+    return os.path.join(workdir, "final_hf")
+
+
+def completed_step(cfg: ml_collections.ConfigDict, manager) -> Optional[int]:
+    """The newest checkpoint's step when it reaches run.total_steps (the run is finished), else None."""
+    newest = manager.latest_step()
+    return newest if newest is not None and newest >= cfg.run.total_steps else None
+
+
+def final_export_missing(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether the run should end with a final_hf/ export that is absent or was cut short (save_hf
+    writes config.json after the weights, the tokenizer files come last)."""
+    final = final_hf_dir(workdir)
+    return bool(cfg.run.save_hf_at_end) and not all(
+        os.path.exists(os.path.join(final, name)) for name in ("config.json", "tokenizer_config.json"))
+
+
+def complete_message(cfg: ml_collections.ConfigDict, workdir: str, step: int) -> str:
+    """What a re-run of a finished run says: nothing to train, and where its results are."""
+    outputs = [os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "checkpoints", str(step))]
+    if cfg.run.save_hf_at_end:
+        outputs.append(final_hf_dir(workdir))
+    return (f"the run in {workdir} is already complete at step {step} (run.total_steps={cfg.run.total_steps}); "
+            f"nothing to do. Its outputs: {', '.join(outputs)}. To train further, raise --config.run.total_steps")
 
 
 def write_start_config(workdir: str, cfg: ml_collections.ConfigDict, start_step: int) -> str:

@@ -12,10 +12,10 @@
                       the steps a resume repeats).
 
 and the sampled rollouts to rollouts.jsonl (`run.rollout_samples` groups per step, 0 = off; RL
-runs only): one record per rollout with its prompt, guide and sampled continuation as text, its
-rewards, its group advantage and whether its group's rewards had zero spread (see
-`rollout_records`). Only process 0 writes; the logger is a context manager that closes every sink
-on exit, also when the run fails.
+runs only): one record per rollout with its prompt, its reference answer (a code problem's tests),
+its guide and sampled continuation as text, its rewards, its group advantage and whether its
+group's rewards had zero spread (see `rollout_records`). Only process 0 writes; the logger is a
+context manager that closes every sink on exit, also when the run fails.
 
 `Progress` is the progress bar (tqdm) shown on an interactive terminal only; in a log file, a pipe
 or a test the console lines are all there is.
@@ -94,6 +94,20 @@ def method_note(method: str, num_iterations: int) -> Optional[str]:
     return note + (f"; this run has μ={num_iterations}" if num_iterations != 1 else "")
 
 
+def sandbox_summary(report: dict) -> str:
+    """The reward sandbox's protections (`rewards.sandbox_protections()`) for the start of a run:
+    a heading, then one `key: value` line per protection, lists and limits written out flat."""
+
+    def flat(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+        if isinstance(value, (list, tuple)):
+            return ", ".join(str(v) for v in value) or "none"
+        return str(value)
+
+    return "reward sandbox:\n" + "\n".join(f"  {key}: {flat(value)}" for key, value in report.items())
+
+
 def without_wall_clock(metrics: dict) -> dict:
     """The metrics that two runs of the same config reproduce exactly (no time/ or throughput/)."""
     return {k: v for k, v in metrics.items() if not k.startswith(WALL_CLOCK_PREFIXES)}
@@ -113,12 +127,14 @@ def batch_token_counts(prompt_mask, completion_mask, guided_mask) -> tuple[int, 
 
 
 def throughput_metrics(sampled_tokens: int, trained_tokens: int, sample_s: float, train_step_s: float,
-                       step_s: float, device_count: int) -> dict:
+                       step_s: float, device_count: int, train_step_flops: float = 0.0) -> dict:
     """Tokens per second of each stage of a step, and per device (÷ `device_count`):
 
       throughput/sample_tokens_per_s   sampled completion tokens / sampling time (RL only)
       throughput/train_tokens_per_s    prompt + completion tokens / the train step's time
       throughput/tokens_per_s          prompt + completion tokens / the whole step's time
+      throughput/train_step_flops_per_s  the train step's model FLOPs (`train_step.model_flops`,
+                                       padded shapes) / its time: the achieved FLOP/s
 
     each with a `_per_device` twin. A stage that took no time (no sampling in SFT) is left out.
     The train step counts a batch once, whatever its number of updates μ.
@@ -126,7 +142,8 @@ def throughput_metrics(sampled_tokens: int, trained_tokens: int, sample_s: float
     out = {}
     for name, tokens, seconds in (("sample_tokens_per_s", sampled_tokens, sample_s),
                                   ("train_tokens_per_s", trained_tokens, train_step_s),
-                                  ("tokens_per_s", trained_tokens, step_s)):
+                                  ("tokens_per_s", trained_tokens, step_s),
+                                  ("train_step_flops_per_s", train_step_flops, train_step_s)):
         if seconds > 0 and tokens > 0:
             out[f"throughput/{name}"] = tokens / seconds
             out[f"throughput/{name}_per_device"] = tokens / seconds / device_count
@@ -161,19 +178,29 @@ def host_advantages(rewards, guided, group_size: int, *, scale: str, eps: float,
     return np.asarray(advantages, np.float32), np.asarray(zero_spread, bool)
 
 
-def rollout_records(step: int, rollouts, tokenizer, prompt_ids: Sequence[Sequence[int]], group_size: int,
-                    groups: Sequence[int], advantages: np.ndarray, zero_spread: np.ndarray) -> list[dict]:
+def reference_answer(example):
+    """What a rollout of `example` is scored against: the gold answer of a math problem, the tests
+    of a code problem (as plain JSON values)."""
+    if example.answer is not None:
+        return example.answer
+    return json.loads(json.dumps(example.tests))
+
+
+def rollout_records(step: int, rollouts, tokenizer, prompt_ids: Sequence[Sequence[int]], examples: Sequence,
+                    group_size: int, groups: Sequence[int], advantages: np.ndarray,
+                    zero_spread: np.ndarray) -> list[dict]:
     """One rollouts.jsonl record per rollout of `groups` (indices of the step's groups of G).
 
-    `rollouts`: the step's `rollout.Rollouts`; `prompt_ids`: the prepared prompts by problem row.
-    A record holds the step, the group and the rollout's place in it, the problem row, the prompt
-    as the model saw it (special tokens kept, a hint of placement 'prompt' excluded), whether the
-    rollout was guided, the guide and the sampled continuation apart as text (with their token
-    counts), the total reward and the reward of each kind, the advantage and whether the group's
-    rewards had zero spread. The guide is the hint appended to the prompt or the forced tokens at
-    the start of the completion; guide + continuation is the text the rewards scored. Where token
-    boundaries make the separately decoded pieces differ from it, the scored text is added as
-    `text`.
+    `rollouts`: the step's `rollout.Rollouts`; `prompt_ids`, `examples`: the prepared prompts and
+    their `data.Example`s by problem row. A record holds the step, the group and the rollout's
+    place in it, the problem row, the prompt as the model saw it (special tokens kept, a hint of
+    placement 'prompt' excluded), the reference the rewards scored against (`answer`: the gold
+    answer, or a code problem's tests), whether the rollout was guided, the guide and the sampled
+    continuation apart as text (with their token counts), the total reward and the reward of each
+    kind, the advantage and whether the group's rewards had zero spread. The guide is the hint
+    appended to the prompt or the forced tokens at the start of the completion; guide +
+    continuation is the text the rewards scored. Where token boundaries make the separately decoded
+    pieces differ from it, the scored text is added as `text`.
     """
     records = []
     for group in groups:
@@ -196,6 +223,7 @@ def rollout_records(step: int, rollouts, tokenizer, prompt_ids: Sequence[Sequenc
             record = {
                 "step": int(step), "group": int(group), "rollout": member, "problem_id": problem,
                 "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+                "answer": reference_answer(examples[problem]),
                 "guided": bool(rollouts.guided[i]), "guide": guide, "continuation": continuation,
                 "guide_tokens": len(guide_ids), "continuation_tokens": len(sampled_ids),
                 "reward": float(rollouts.rewards[i]),
@@ -208,14 +236,16 @@ def rollout_records(step: int, rollouts, tokenizer, prompt_ids: Sequence[Sequenc
     return records
 
 
-def step_rollout_records(step: int, rollouts, batch, tokenizer, prompt_ids: Sequence[Sequence[int]], group_size: int,
-                         count: int, seed: int, *, scale: str, eps: float, baseline: str) -> list[dict]:
+def step_rollout_records(step: int, rollouts, batch, tokenizer, prompt_ids: Sequence[Sequence[int]],
+                         examples: Sequence, group_size: int, count: int, seed: int, *, scale: str, eps: float,
+                         baseline: str) -> list[dict]:
     """The rollouts.jsonl records of a step: `count` of its groups (`sample_groups`), with the
     advantages the train step computed from `batch` (`host_advantages`)."""
     groups = sample_groups(len(rollouts) // group_size, count, seed, step)
     advantages, zero_spread = host_advantages(batch.rewards, batch.guided, group_size, scale=scale, eps=eps,
                                               baseline=baseline)
-    return rollout_records(step, rollouts, tokenizer, prompt_ids, group_size, groups, advantages, zero_spread)
+    return rollout_records(step, rollouts, tokenizer, prompt_ids, examples, group_size, groups, advantages,
+                           zero_spread)
 
 
 # ----------------------------------------------------------------------------- sinks
@@ -414,10 +444,12 @@ class Progress:
 # ----------------------------------------------------------------------------- the console line
 
 
-def step_metrics(step, state_metrics, batch, info, elapsed, train_step_s: float = 0.0) -> dict:
+def step_metrics(step, state_metrics, batch, info, elapsed, train_step_s: float = 0.0,
+                 train_step_flops: float = 0.0) -> dict:
     """One flat dict of floats for metrics.jsonl and the console: the train step's metrics
     (loss, clipping, KL, entropy, guidance) plus the host side (rewards, timing, throughput).
-    `elapsed`: the whole step's seconds; `train_step_s`: the train step's (the update's) seconds."""
+    `elapsed`: the whole step's seconds; `train_step_s`: the train step's (the update's) seconds;
+    `train_step_flops`: its model FLOPs."""
     metrics = {"step": step, **{k: float(v) for k, v in jax.device_get(state_metrics).items()}}
     if info["per_kind"]:  # rollouts were scored (not the SFT baseline)
         metrics["reward/total"] = float(batch.rewards.mean())
@@ -433,7 +465,7 @@ def step_metrics(step, state_metrics, batch, info, elapsed, train_step_s: float 
     })
     sampled, trained = batch_token_counts(batch.prompt_mask, batch.completion_mask, batch.guided_mask)
     metrics.update(throughput_metrics(sampled if info["per_kind"] else 0, trained, info["sample_s"],
-                                      train_step_s, elapsed, jax.device_count()))
+                                      train_step_s, elapsed, jax.device_count(), train_step_flops))
     return metrics
 
 

@@ -7,6 +7,11 @@ loop advances all rows in lockstep.
 
 Rows with a guide are prefilled apart from the unguided ones, which then cover only their own
 (shorter) bucket: their cache slots in front stay empty instead of running the model over padding.
+Rows with the same prompt + guide (the G rollouts of a group, or its guided rollouts, which share
+one guide) are prefilled once and their cache is copied to each of them, so a group's prefill costs
+one prompt plus one prompt + guide per distinct guide instead of G. (A guided row's prompt sits at
+other cache slots than an unguided row's, because rows are left-padded to end together, so the
+prompt is run again under the guide rather than shared.)
 
 Decoding runs in a few phases, each one jitted `lax.while_loop` over the loop state (one pytree,
 donated) that stops early once every row is finished. Between phases the KV cache grows (a step
@@ -203,21 +208,39 @@ def _join_rows(first, second):
     return jax.tree.map(lambda a, b: a if a.ndim == 0 else jnp.concatenate([a, b]), first, second)
 
 
+def _copy_rows(tree, source: jax.Array, rows_sharding):
+    """Rows `source` [B] of every batch-major leaf of `tree` (scalars are shared), laid out like the
+    batch when a sharding is given."""
+    def take(x):
+        if x.ndim == 0:
+            return x
+        x = jnp.take(x, source, axis=0)
+        if rows_sharding is None:
+            return x
+        spec = jax.sharding.PartitionSpec(rows_sharding.spec[0], *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(rows_sharding.mesh, spec))
+
+    return jax.tree.map(take, tree)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_length", "guide_window", "guided_rows",
                                              "unguided_len", "rows_sharding"))
-def _prefill(cfg: ModelConfig, params, prefill_tokens, prefill_valid, guide_tokens, guide_lengths, row_keys, *,
-             settings: _Settings, cache_length: int, guide_window: int, guided_rows: int, unguided_len: int,
-             rows_sharding=None) -> _LoopState:
-    """Runs prompt + guide through the model and samples the first token; returns the loop state.
+def _prefill(cfg: ModelConfig, params, prefill_tokens, prefill_valid, prefill_guide_lengths, guide_tokens,
+             guide_lengths, row_keys, row_source, *, settings: _Settings, cache_length: int, guide_window: int,
+             guided_rows: int, unguided_len: int, rows_sharding=None) -> _LoopState:
+    """Runs each distinct prompt + guide through the model, copies the results to the rows that
+    share it, and samples every row's first token; returns the loop state.
 
-    prefill_tokens/prefill_valid [B, P]: prompt + guide, left-padded; guide_tokens [B, L]: guide
-    ids at the start of each row; guide_lengths [B]; row_keys [B]. Rows with a guide come first,
-    within the first `guided_rows`. The rows after them fit in the last `unguided_len` columns and
-    are prefilled over those only, so a guided batch does not run the model over the unguided
-    rows' padding (their cache slots in front stay empty).
+    Distinct prefills (D rows): prefill_tokens/prefill_valid [D, P], prompt + guide, left-padded;
+    prefill_guide_lengths [D]. Rows with a guide come first, within the first `guided_rows`. The
+    rows after them fit in the last `unguided_len` columns and are prefilled over those only, so a
+    guided batch does not run the model over the unguided rows' padding (their cache slots in front
+    stay empty). The batch (B rows): guide_tokens [B, L], guide ids at the start of each row;
+    guide_lengths [B]; row_keys [B]; row_source [B], the distinct prefill of each row, or None
+    when D = B and row i is prefill i.
     """
-    batch, prefill_len = prefill_tokens.shape
-    if 0 < guided_rows < batch and unguided_len < prefill_len:
+    distinct, prefill_len = prefill_tokens.shape
+    if 0 < guided_rows < distinct and unguided_len < prefill_len:
         first, rest = slice(0, guided_rows), slice(guided_rows, None)
         hidden, cache = _prefill_rows(cfg, params, prefill_tokens[first], prefill_valid[first], cache_length, prefill_len)
         rest_hidden, rest_cache = _prefill_rows(cfg, params, prefill_tokens[rest, -unguided_len:],
@@ -227,14 +250,17 @@ def _prefill(cfg: ModelConfig, params, prefill_tokens, prefill_valid, guide_toke
     else:
         hidden, cache = _prefill_rows(cfg, params, prefill_tokens, prefill_valid, cache_length, prefill_len)
         last_hidden = hidden[:, -1]
-    first_logits = models.logits_from_hidden(cfg, params, last_hidden)  # [B, V]
+    first_logits = models.logits_from_hidden(cfg, params, last_hidden)  # [D, V]
     if guide_window:
         first = slice(0, guided_rows)
-        guide_logps = _guide_logprobs(cfg, params, hidden[first], prefill_tokens[first], guide_lengths[first],
+        guide_logps = _guide_logprobs(cfg, params, hidden[first], prefill_tokens[first], prefill_guide_lengths[first],
                                       guide_window, settings.max_new_tokens, settings.temperature)
-        guide_logps = jnp.pad(guide_logps, ((0, batch - guided_rows), (0, 0)))
+        guide_logps = jnp.pad(guide_logps, ((0, distinct - guided_rows), (0, 0)))
     else:
-        guide_logps = jnp.zeros((batch, settings.max_new_tokens), jnp.float32)
+        guide_logps = jnp.zeros((distinct, settings.max_new_tokens), jnp.float32)
+    if row_source is not None:
+        cache, first_logits, guide_logps = _copy_rows((cache, first_logits, guide_logps), row_source, rows_sharding)
+    batch = guide_tokens.shape[0]
     in_guide = jnp.arange(settings.max_new_tokens)[None, :] < guide_lengths[:, None]
     guide_has_eos = jnp.any(in_guide & settings.is_eos(guide_tokens), axis=1)
     start = _LoopState(
@@ -359,6 +385,41 @@ def _prefill_arrays(prompts, guides, padded_batch: int, max_new_tokens: int, pad
     return prefill, valid, guide_tokens, guide_lengths, prefix_lengths
 
 
+def distinct_prefills(prefill: np.ndarray, guide_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the same prefill tokens [B, P] and guide length [B] share one prefill.
+
+    Returns (representatives [D], the first row of each distinct prefill, in order of appearance;
+    source [B], the index into representatives of each row's prefill).
+    """
+    keyed = np.concatenate([prefill, guide_lengths[:, None]], axis=1)
+    _, first, inverse = np.unique(keyed, axis=0, return_index=True, return_inverse=True)
+    appearance = np.argsort(first)
+    rank = np.empty_like(appearance)
+    rank[appearance] = np.arange(len(appearance))
+    return first[appearance], rank[np.ravel(inverse)].astype(np.int32)
+
+
+def _prefill_layout(prefill, guide_lengths, prefix_lengths, num_guided: int, multiple: int):
+    """Which rows the prefill runs (the batch is sorted guided rows first): (representatives [D],
+    the batch row of each prefilled row; row_source [B], the prefilled row of each batch row, or
+    None when every row is prefilled itself; guided_rows, the leading prefilled rows that carry a
+    guide, bucketed; unguided_len, the bucketed prompt length the rows after them are run over).
+    D is bucketed like the batch; its extra rows repeat the last one and no row reads them."""
+    padded_batch, prefill_len = prefill.shape
+    representatives, row_source = distinct_prefills(prefill, guide_lengths)
+    distinct = min(padded_batch, round_up(bucket_length(len(representatives), 1), multiple))
+    if distinct == padded_batch:
+        representatives, row_source = np.arange(padded_batch), None
+    guided = int(np.sum(representatives < num_guided))
+    representatives = np.concatenate(
+        [representatives, np.full(distinct - len(representatives), representatives[-1])])
+    guided_rows = min(distinct, round_up(bucket_length(guided, 1), multiple)) if guided else 0
+    # The rows after the guided ones are prefilled over their own (shorter) bucket.
+    unguided_len = (bucket_length(prefix_lengths[representatives[guided_rows:]].max()) if guided_rows < distinct
+                    else prefill_len)
+    return representatives, row_source, guided_rows, unguided_len
+
+
 # Long because the phased decode's host-side bookkeeping (which batch row each state row holds, the
 # cache slots in front, the rows still running) stays in one place; its pieces are the jitted helpers above.
 def sample(
@@ -404,12 +465,11 @@ def sample(
     order = sorted(range(batch), key=lambda i: not guides[i])
     batch_prompts, batch_guides = [prompts[i] for i in order], [guides[i] for i in order]
     num_guided = sum(1 for g in guides if g)
-    guided_rows = min(padded_batch, round_up(bucket_length(num_guided, 1), multiple)) if num_guided else 0
     prefill, valid, guide_tokens, guide_lengths, prefix_lengths = _prefill_arrays(
         batch_prompts, batch_guides, padded_batch, max_new_tokens, pad_id)
     prefill_len = prefill.shape[1]
-    # The rows after the guided ones are prefilled over their own (shorter) bucket.
-    unguided_len = bucket_length(prefix_lengths[guided_rows:].max()) if guided_rows < padded_batch else prefill_len
+    representatives, row_source, guided_rows, unguided_len = _prefill_layout(
+        prefill, guide_lengths, prefix_lengths, num_guided, multiple)
     longest_guide = max(len(g) for g in guides)
     window = min(bucket_length(longest_guide, 1), prefill_len - 1) if longest_guide and score_guides else 0
 
@@ -417,11 +477,13 @@ def sample(
     # A row's noise comes from its index in `prompts`, wherever it sits in the batch.
     row_ids = first_row + np.concatenate([order, np.arange(batch, padded_batch)]).astype(np.int32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(row_ids))
-    arrays = (prefill, valid, guide_tokens, guide_lengths, row_keys)
+    arrays = (prefill[representatives], valid[representatives], guide_lengths[representatives], guide_tokens,
+              guide_lengths, row_keys)
     rows_sharding = None
     if mesh is not None:
         arrays = tuple(jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules)) for a in arrays)
         rows_sharding = sharding_lib.batch_sharding(mesh, 2, rules)
+    arrays += (None if row_source is None else jnp.asarray(row_source),)
 
     phase_ends = decode_phase_ends(max_new_tokens)
     # Sampled token s is fed back into cache slot prefix_slots + s - 1, so a phase that ends after

@@ -23,13 +23,15 @@ The run directory holds
   checkpoints_damaged/    checkpoints that could not be read back, moved aside at a resume
   final_hf/               a Hugging Face checkpoint of the policy, at the end
   tensorboard/            TensorBoard event files of every metric (run.tensorboard)
-  rollouts.jsonl          a few groups per step: prompt, guide and continuation apart, rewards,
-                          advantages (run.rollout_samples)
+  rollouts.jsonl          a few groups per step: prompt, reference answer, guide and continuation
+                          apart, rewards, advantages (run.rollout_samples)
 
 Long runs. Re-running the same command resumes from the newest checkpoint that reads back whole
-(a damaged one is reported by path and the one before it used). The config is compared with the
-checkpoint's before anything expensive: keys that fix the state's shapes or the data order
-(`resume.FIXED_ON_RESUME`) stop the run with the list of them; other changes are logged and applied.
+(a damaged one is reported by path and the one before it used); when that checkpoint is already at
+run.total_steps it says the run is complete, names its outputs and exits 0 without redoing anything
+(only a missing final_hf/ is written). The config is compared with the checkpoint's before
+anything expensive: keys that fix the state's shapes or the data order (`resume.FIXED_ON_RESUME`)
+stop the run with the list of them; other changes are logged and applied.
 SIGTERM or SIGINT (preemption, scancel, docker stop, Ctrl-C) lets the step in flight finish,
 saves it, waits for the write and exits with status 0; a second signal exits at once. (The
 scheduler's grace period must cover a step and a save, e.g. `sbatch --signal=TERM@120`.) An
@@ -46,7 +48,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
@@ -253,15 +255,20 @@ class Run:
                 "nonfinite_total": self.nonfinite_total, "config": self.config}
 
 
-def start_run(cfg: ml_collections.ConfigDict) -> Run:
+def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     """Checks the config, then loads the model, data and state (or resumes them) and builds the
-    step, the rollout collector, the reward pool and the evaluation tasks."""
+    step, the rollout collector, the reward pool and the evaluation tasks. None when the run
+    directory holds a finished run whose outputs are all there."""
     sharding_lib.initialize_distributed(cfg.mesh.distributed)
     sharding_lib.enable_compilation_cache(cfg.mesh.compilation_cache_dir)
     mesh = sharding_lib.make_mesh(dict(cfg.mesh.mesh))
     validate_config(cfg, mesh)
     run_dir = open_run_dir(cfg, mesh)
     workdir = run_dir[0]
+    finished = resume.completed_step(cfg, run_dir[2])
+    if finished is not None and not resume.final_export_missing(cfg, workdir):
+        log(resume.complete_message(cfg, workdir, finished))
+        return None
     log(f"mesh {sharding_lib.describe(mesh)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     checkpoint = resolve_checkpoint(cfg.model, workdir)
     model_cfg = models.read_config(checkpoint, cfg.model.dtype)
@@ -287,7 +294,7 @@ def start_run(cfg: ml_collections.ConfigDict) -> Run:
                                              tuple(cfg.mesh.rules), num_problems=num_problems)
     reward_settings = rewards.settings_from_config(cfg.rewards)
     pool = rewards.RewardPool(reward_settings.num_workers) if reward_settings.num_workers else None
-    log(f"reward sandbox: {rewards.sandbox_protections()}")
+    log(run_logging.sandbox_summary(rewards.sandbox_protections(reward_settings.code_limits, log=False)))
 
     def scorer(texts, examples):  # looked up at each call, so a test may stand in for score_batch
         return rewards.score_batch(texts, examples, pool=pool, settings=reward_settings)
@@ -343,14 +350,15 @@ def run_step(run: Run) -> dict:
     skipped = bool(state_metrics["skipped_nonfinite"] > 0)
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if skipped else 0
     run.nonfinite_total += int(skipped)
-    metrics = run_logging.step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start, train_step_s)
+    metrics = run_logging.step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start,
+                                       train_step_s, train_step_lib.model_flops(run.model_cfg, cfg.step, batch))
     metrics["skipped_nonfinite_total"] = run.nonfinite_total
     run.rollout_records = []
     if rollouts is not None and cfg.run.get("rollout_samples", 0) and jax.process_index() == 0:
         run.rollout_records = run_logging.step_rollout_records(
-            run.completed, rollouts, batch, run.tokenizer, run.prepared.prompt_ids, cfg.step.group_size,
-            cfg.run.rollout_samples, cfg.run.seed, scale=cfg.step.scale_rewards, eps=cfg.step.advantage_eps,
-            baseline=cfg.step.advantage_baseline)
+            run.completed, rollouts, batch, run.tokenizer, run.prepared.prompt_ids, run.prepared.examples,
+            cfg.step.group_size, cfg.run.rollout_samples, cfg.run.seed, scale=cfg.step.scale_rewards,
+            eps=cfg.step.advantage_eps, baseline=cfg.step.advantage_baseline)
     if skipped:
         log(f"WARNING: step {run.completed}: non-finite loss or gradient (loss {metrics['loss']}, grad "
             f"norm {metrics['grad_norm']}); the update was skipped ({run.nonfinite_in_a_row} in a row, "
@@ -380,11 +388,16 @@ def finish(run: Run, metrics: dict, stopped_by: Optional[str], too_many_nonfinit
             f"step {completed} ({saved_at}) holds the last finite parameters: lower optim.learning_rate or check "
             f"the rewards before resuming")
     if cfg.run.save_hf_at_end:
-        final = os.path.join(run.workdir, "final_hf")
-        models.save_hf(final, run.model_cfg, jax.device_get(run.state.params))
-        run.tokenizer.save_pretrained(final)
-        log(f"policy saved as a Hugging Face checkpoint in {final}")
+        export_final(run)
     return metrics
+
+
+def export_final(run: Run) -> None:
+    """The policy as a Hugging Face checkpoint (weights, config.json, tokenizer) in final_hf/."""
+    final = resume.final_hf_dir(run.workdir)
+    models.save_hf(final, run.model_cfg, jax.device_get(run.state.params))
+    run.tokenizer.save_pretrained(final)
+    log(f"policy saved as a Hugging Face checkpoint in {final}")
 
 
 def train(cfg: ml_collections.ConfigDict) -> dict:
@@ -396,6 +409,17 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         if isinstance(error, (ValueError, FileNotFoundError)):
             raise StartError(str(error)) from error
         raise
+    if run is None:  # finished earlier, with all its outputs
+        return {}
+    if run.start_step >= cfg.run.total_steps:  # finished earlier, but its export was never written
+        log(resume.complete_message(cfg, run.workdir, run.start_step))
+        try:
+            log("its Hugging Face export is missing: writing it")
+            export_final(run)
+        finally:
+            if run.pool is not None:
+                run.pool.close()
+        return {}
     method = run_logging.method_kind(cfg.step.loss_type, cfg.guidance.mode)
     writer = jax.process_index() == 0
     show_bar = writer and run_logging.progress_enabled(sys.stdout)  # a terminal, not a log file or a pipe
@@ -462,14 +486,45 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         return finish(run, metrics, stopped_by, too_many_nonfinite)
 
 
+def check_args(program: str, args: Sequence[str]) -> Optional[str]:
+    """The one-line error this command line stops with at start-up for `args` (--config=FILE[:ARG]
+    and --config.KEY=VALUE) when their config file, a key or a value is wrong, as `program: ...`;
+    None when they pass. For tools that print or launch train commands (experiments/sweep.py,
+    launch/): relative paths are taken from the working directory, and the checks that need the
+    run's devices, model or data (batch shards of its mesh, positions, data files) are left to it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [program, *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "the training config", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        flag_values(argv)
+        cfg = flag_values.config
+        if cfg is None:
+            return f"{program}: --config is required, e.g. --config=experiments/configs/g2rpo.py:demo"
+        cfg.keys()  # a config file that could not be read is reported on first use
+    except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
+        return command_line.flag_error_message(program, error, argv)
+    try:
+        validate_config(cfg, mesh=None)
+    except ValueError as error:
+        return f"{program}: {error}"
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from absl import app, logging
     from ml_collections import config_flags
 
-    usage = "experiments/configs/<file>.py:<preset>[,<variant>], then --config.<key>=<value> overrides"
-    config = config_flags.DEFINE_config_file("config", None, command_line.config_file_help(usage), lock_config=True)
-
     program = "python -m g2rpo_jax.train"
+    config = config_flags.DEFINE_config_file(
+        "config", None, "experiments/configs/<file>.py:<preset>[,<variant>], then --config.<key>=<value> "
+        "overrides (the presets and variants: --help)", lock_config=True)
+    usage = (f"usage: {program} --config=experiments/configs/<file>.py:<preset>[,<variant>] "
+             f"[--config.<key>=<value> ...]\n\n{__doc__.strip()}")
+    help_text = command_line.config_file_help(usage)
 
     def run(_):
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
@@ -491,7 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"ERROR: {error}")
             return 1
 
-    app.run(run, argv=argv or sys.argv, flags_parser=command_line.config_flags_parser(program))
+    app.run(run, argv=argv or sys.argv, flags_parser=command_line.config_flags_parser(program, help_text))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import os
 import shutil
 import sys
@@ -158,7 +159,7 @@ def make_checkpoint_manager(
     if max_to_keep is not None and max_to_keep < 0:
         raise ValueError(f"max_to_keep={max_to_keep!r} is not valid; valid: None or an integer >= 0 (0 = keep all)")
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep or None)]
-    if keep_best:  # steps without a score are left to LatestN
+    if keep_best:  # steps without a score (ranked lowest) are left to LatestN
         policies.append(ocp.checkpoint_managers.BestN(
             get_metric_fn=_score, n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
@@ -174,7 +175,8 @@ def make_checkpoint_manager(
 
 
 def _score(metrics) -> float:
-    return float(metrics[EVAL_SCORE])
+    """A step's rank for `keep_best`; a step saved without a score (no eval at it) ranks lowest."""
+    return float(metrics.get(EVAL_SCORE, -math.inf))
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, host: Optional[dict] = None, *,
@@ -184,7 +186,9 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, host: Opt
     unless `force`). `score` ranks the step for a manager made with `keep_best`."""
     step = int(jax.device_get(state.step)) if step is None else int(step)
     args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), HOST_ITEM: ocp.args.JsonSave(host or {})})
-    metrics = {EVAL_SCORE: float(score)} if score is not None else None
+    # Always a dict: a manager that tracks the best step warns on every save without metrics; an
+    # empty one records "no score" (ranked lowest by `_score`) and is ignored by other managers.
+    metrics = {EVAL_SCORE: float(score)} if score is not None else {}
     return manager.save(step, args=args, metrics=metrics, force=force)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from g2rpo_jax import grpo
+from g2rpo_jax import flops, grpo
 from g2rpo_jax import guidance as guidance_lib
 from g2rpo_jax import guided_rollouts
 from g2rpo_jax import models
@@ -168,9 +168,11 @@ def compute_logprobs(
     chunk_size: int = 128,
     remat: bool = False,
     with_entropy: bool = False,
+    activation_sharding=None,
 ):
     """log_softmax(logits / temperature) of each completion token given everything before it,
     from one forward over prompt + completion: float32 [B, L] (and the entropy [B, L]).
+    `activation_sharding` lays out the model's [B, P+L, E] activations (batch-sharded on a mesh).
 
     The completion token j is predicted from the hidden state at position P + j − 1; the
     left-padded prompt always ends at column P − 1, so that is a real token for j = 0.
@@ -179,7 +181,8 @@ def compute_logprobs(
     completion_width = batch.completion_tokens.shape[1]
     tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)  # [B, P+L]
     valid = jnp.concatenate([batch.prompt_mask > 0, batch.completion_mask > 0], axis=1)  # [B, P+L]
-    hidden = models.hidden_states(cfg, params, tokens, valid, remat=remat)  # [B, P+L, E]
+    hidden = models.hidden_states(cfg, params, tokens, valid, remat=remat,
+                                  activation_sharding=activation_sharding)  # [B, P+L, E]
     predicting = hidden[:, prompt_width - 1: prompt_width + completion_width - 1]  # [B, L, E]
     return models.token_logprobs(
         cfg, params, predicting, batch.completion_tokens, temperature, chunk_size, with_entropy
@@ -223,9 +226,10 @@ class StepPlan:
         return self.constrain(out, PartitionSpec(None, dict(self.rules)["batch"]))
 
     def logprobs(self, params, batch: RolloutBatch, *, with_entropy: bool = False, remat: bool = False):
+        activations = None if self.mesh is None else sharding_lib.batch_sharding(self.mesh, 3, self.rules)
         return compute_logprobs(self.model_cfg, params, batch, float(self.step_cfg.temperature),
                                 chunk_size=int(self.step_cfg.logprob_chunk_size), remat=remat,
-                                with_entropy=with_entropy)
+                                with_entropy=with_entropy, activation_sharding=activations)
 
     def micro_logprobs(self, params, micro_batches: RolloutBatch, with_entropy: bool = False):
         """No-gradient log-probs (and entropies) per micro-batch: [k, B/k, L] each."""
@@ -455,6 +459,18 @@ def train_step(plan: StepPlan, state: TrainState, ref_params, batch: RolloutBatc
     metrics.update(batch_metrics(plan, state.guidance, guidance, batch, advantages, zero_std_rows, reward))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guidance=guidance)
     return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+
+
+def model_flops(model_cfg: models.ModelConfig, step_cfg: ml_collections.ConfigDict, batch: RolloutBatch) -> float:
+    """Model FLOPs (`g2rpo_jax.flops`) of one step on `batch`'s padded shapes: μ forward + backward
+    passes, the reference forward when beta != 0, the old policy's when μ > 1 or with
+    entropy_top_fraction < 1 (the forwards `fixed_logprobs` runs)."""
+    rows, prompt_len = batch.prompt_tokens.shape
+    num_updates = int(step_cfg.num_iterations)
+    return flops.train_step_flops(
+        model_cfg, rows, prompt_len, batch.completion_tokens.shape[1], num_updates=num_updates,
+        reference_forward=float(step_cfg.beta) != 0.0,
+        old_policy_forward=num_updates > 1 or float(step_cfg.entropy_top_fraction) < 1)
 
 
 def _check_problem_count(num_problems: Optional[int], gcfg) -> None:

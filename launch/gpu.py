@@ -50,6 +50,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]
         raise launchlib.LaunchError(LAUNCHER, f"--nodes={args.nodes} and --gpus_per_node={args.gpus_per_node} "
                                               "must be at least 1")
     config, overrides = launchlib.split_config_args(LAUNCHER, extra)
+    launchlib.check_train_config(LAUNCHER, config, overrides)
     return args, config, overrides
 
 

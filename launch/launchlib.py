@@ -1,7 +1,9 @@
-"""What the TPU and GPU launchers share: their `--config` arguments, the train command they run on
-every host, and a shell that either runs commands or, with --dry_run, only prints them.
+"""What the TPU and GPU launchers share: their `--config` arguments (checked as the train command
+checks them), the train command they run on every host, and a shell that either runs commands or,
+with --dry_run, only prints them.
 
-Standard library only, so a launcher runs with any python3 before the project's venv exists.
+Standard library only, so a launcher runs with any python3 before the project's venv exists (the
+config check then waits for the train command).
 """
 
 from __future__ import annotations
@@ -74,6 +76,29 @@ def split_config_args(launcher: str, extra: Sequence[str]) -> tuple[str, list[st
         raise LaunchError(launcher, f"{DISTRIBUTED_KEY} is set by the launcher (True on a pod or several "
                                     "nodes); leave it out of the overrides")
     return config, overrides
+
+
+def check_train_config(launcher: str, config: str, overrides: Sequence[str]) -> None:
+    """Stops, before anything is run or printed, with the one-line error the train command would
+    stop with for a bad config file, key or value (`g2rpo_jax.train.check_args`, paths from the
+    repository root as on every host). The check needs the project's packages; under a python
+    without them (before the venv exists) it is left to the train command, with a note on stderr."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    try:
+        from g2rpo_jax import train  # noqa: PLC0415 (optional: the launcher itself needs only the stdlib)
+    except ImportError as error:
+        print(f"{launcher}: note: the config and its overrides were not checked here ({error}); the train "
+              "command checks them when it starts", file=sys.stderr)
+        return
+    previous = os.getcwd()
+    os.chdir(REPO)
+    try:
+        error = train.check_args(launcher, [f"--config={config}", *overrides])
+    finally:
+        os.chdir(previous)
+    if error:
+        raise LaunchError(launcher, error.removeprefix(f"{launcher}: "))
 
 
 def train_command(config: str, overrides: Sequence[str], distributed: bool,

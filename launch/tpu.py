@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, str, list[str]]
         raise launchlib.LaunchError(LAUNCHER, "--accelerator_type and --runtime_version go together (both are "
                                               "needed to create a slice; give neither to reuse one)")
     config, overrides = launchlib.split_config_args(LAUNCHER, extra)
+    launchlib.check_train_config(LAUNCHER, config, overrides)
     return args, config, overrides
 
 

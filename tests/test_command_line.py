@@ -72,7 +72,28 @@ def test_help_lists_the_presets_of_the_config_files(capsys, tmp_path):
         eval_cli.parse_command_line(["g2rpo_jax.eval", "--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "paper_math" in printed and "--num_samples" in printed
+    assert "paper_math" in printed and "--num_samples INT     completions per problem" in printed
+    # The default config one key per line, a section's keys indented below it.
+    lines = printed.splitlines()
+    config = lines[lines.index("the default config (g2rpo_jax/eval/settings.py):") + 1:]
+    assert config[:2] == ["  batch_size: 64", "  checkpoint: ''"]
+    assert "  rewards:" in config and "    code:" in config and "      timeout_s: 10.0" in config
+    assert max(len(line) for line in config) < 80
+
+
+def test_training_help_exits_0_and_keeps_the_tables_as_written():
+    result = subprocess.run([sys.executable, "-m", "g2rpo_jax.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("usage: python -m g2rpo_jax.train --config=experiments/configs/<file>.py:<preset>")
+    # The training module's and the config file's docstrings, each as written (not rewrapped).
+    from g2rpo_jax import train  # noqa: PLC0415
+
+    assert train.__doc__.strip() in result.stdout
+    assert command_line.config_file_help("").strip() in result.stdout
+    assert "  model   qwen3_0_6b | qwen3_1_7b | qwen3_8b   mesh, micro-batch, remat, dtype (MODELS)" in lines
+    assert "  config.json             the config of the run's first start; each resume from step S adds" in lines
 
 
 @pytest.mark.parametrize("overrides", [(), ("--config.run.total_steps=1",)])

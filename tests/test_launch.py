@@ -98,6 +98,29 @@ def test_tpu_launcher_mistakes_name_the_fix(argv, message):
     assert raised.value.code == 2
 
 
+@pytest.mark.parametrize("override,message", [
+    ("--config.guidance.alpah=0.5", '--config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"?'),
+    ("--config.step.group_size=0", "step.group_size=0 is not valid; valid: an integer >= 1"),
+    ("--config.step.beta=high", "--config.step.beta=high: could not convert string to float: 'high'"),
+])
+def test_launchers_check_the_overrides_as_train_does_before_printing(capsys, override, message):
+    from g2rpo_jax import train  # noqa: PLC0415
+
+    program = "python -m g2rpo_jax.train"
+    expected = train.check_args(program, [RUN[0], override]).removeprefix(f"{program}: ")  # what train says
+    assert expected.startswith(message)
+    launchers = ((gpu.main, "gpu", ["--nodes", "2"]), (tpu.main, "tpu", ["--tpu", "t", "--zone", "z"]))
+    for main, name, launcher_args in launchers:
+        with pytest.raises(SystemExit) as raised:
+            main([*launcher_args, *RUN, override, "--dry_run"])
+        assert raised.value.code == 2 and str(raised.value) == f"launch/{name}.py: {expected}"
+        assert capsys.readouterr().out == ""  # stopped before the first command was printed
+    result = subprocess.run([sys.executable, os.path.join(stand_in.REPO, "launch", "gpu.py"), *RUN, override,
+                             "--dry_run"], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"error: launch/gpu.py: {expected}"  # one line, whatever the working directory
+
+
 def test_missing_arguments_and_tools(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         tpu.main([RUN[0], "--dry_run"])

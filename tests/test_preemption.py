@@ -204,18 +204,42 @@ def test_an_incompatible_resume_stops_at_start_naming_the_keys(chain, monkeypatc
     assert directory_listing(run) == before  # no config file, no checkpoint, no metrics touched
 
 
-def test_a_compatible_change_resumes_and_is_logged(chain, tmp_path, capfd):
+def test_a_compatible_change_resumes_and_is_logged(chain, tmp_path, capfd, compile_cache):
     run = tmp_path / "run"
     shutil.copytree(chain["run"], run)
-    cfg = run_config(run, chain["model"], total_steps=TOTAL_STEPS)
+    cfg = run_config(run, chain["model"], total_steps=TOTAL_STEPS + 1)  # one more step, so the run resumes
     cfg.optim.update({"learning_rate": 5e-5, "min_learning_rate": 5e-5})
-    train.train(cfg)  # nothing left to run: the resume itself is what is checked
+    cfg.mesh.compilation_cache_dir = compile_cache
+    train.train(cfg)
     log = capfd.readouterr().out
     assert "optim.learning_rate (0.0001 -> 5e-05)" in log and f"resumed from step {TOTAL_STEPS} in {run}" in log
     with open(run / f"config.from_step_{TOTAL_STEPS}.json") as f:
         assert json.load(f)["optim"]["learning_rate"] == 5e-5
     with open(run / "config.json") as f:
         assert json.load(f)["optim"]["learning_rate"] == 1e-4  # the first start's config is kept
+
+
+def test_rerunning_a_finished_run_reports_it_complete_and_redoes_nothing(chain, tmp_path, capfd, compile_cache):
+    run = tmp_path / "run"
+    shutil.copytree(chain["run"], run)
+    before = directory_listing(run)
+    process = start(run, compile_cache, model=chain["model"], total_steps=TOTAL_STEPS, checkpoint_every=1)
+    returncode, log = finish(process, run)
+    assert returncode == 0, log[-3000:]
+    assert (f"the run in {run} is already complete at step {TOTAL_STEPS} (run.total_steps={TOTAL_STEPS}); nothing to "
+            f"do. Its outputs: {run}/metrics.jsonl, {run}/checkpoints/{TOTAL_STEPS}, {run}/final_hf.") in log
+    assert "resumed" not in log and "policy saved" not in log
+    assert directory_listing(run) == before  # no export, no config file, no metrics line, no checkpoint
+    # A finished run whose export is missing (stopped while writing it) gets only the export.
+    shutil.rmtree(run / "final_hf")
+    train.train(run_config(run, chain["model"], total_steps=TOTAL_STEPS, checkpoint_every=1))
+    log = capfd.readouterr().out
+    assert "its Hugging Face export is missing: writing it" in log and "resumed" not in log
+    _, want = models.load_hf(str(chain["run"] / "final_hf"))
+    _, have = models.load_hf(str(run / "final_hf"))  # the policy of the newest checkpoint, as the run wrote it
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)))
+    assert checkpoint_steps(run) == checkpoint_steps(chain["run"])
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, TOTAL_STEPS + 1))
 
 
 # The test hook: rewards from the second step on are NaN, so advantages, loss and gradient are too.

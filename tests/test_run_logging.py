@@ -7,12 +7,13 @@ import io
 import json
 import os
 import struct
+import time
 
 import ml_collections
 import numpy as np
 import pytest
 
-from g2rpo_jax import rollout, run_logging
+from g2rpo_jax import data, flops, models, rollout, run_logging, train_step
 from tests.reference import grpo_numpy
 
 
@@ -101,7 +102,16 @@ def test_wandb_offline_receives_the_metrics(tmp_path, monkeypatch):
         logger.log_metrics({"step": 2, "loss": 0.25})
         run_id = logger._wandb.id
     assert run_logging.wandb_run_id(str(tmp_path)) == run_id  # a resume continues the same W&B run
-    assert glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
+    records = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    assert len(records) == 1
+    # The offline record file stores each history row's keys and JSON values uncompressed. W&B's
+    # service process may still be writing it when finish() returns, so wait for it a while.
+    deadline, data = time.monotonic() + 30, b""
+    while not (b"loss" in data and b"0.25" in data and b"0.5" in data) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with open(records[0], "rb") as f:
+            data = f.read()
+    assert b"loss" in data and b"0.25" in data and b"0.5" in data, data[:200]
 
 
 def test_config_checks_name_the_key():
@@ -175,6 +185,22 @@ def test_throughput_counts_real_tokens_per_stage():
                    "throughput/tokens_per_s": 2.5, "throughput/tokens_per_s_per_device": 1.25}
     sft = run_logging.throughput_metrics(0, trained, sample_s=0.0, train_step_s=0.5, step_s=1.0, device_count=1)
     assert not any(k.startswith("throughput/sample") for k in sft)  # no sampling, no sampling rate
+    with_flops = run_logging.throughput_metrics(sampled, trained, 2.0, 0.5, 4.0, 2, train_step_flops=3e9)
+    assert with_flops["throughput/train_step_flops_per_s"] == 6e9
+    assert with_flops["throughput/train_step_flops_per_s_per_device"] == 3e9
+
+
+def test_step_model_flops_count_the_forwards_the_step_runs():
+    """μ forward + backward passes, plus the reference forward (beta != 0) and the old policy's
+    (μ > 1): in units of one forward, 3μ + [beta != 0] + [μ > 1]."""
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                             num_kv_heads=1, head_dim=8)
+    batch = train_step.make_batch(np.ones((4, 3)), np.ones((4, 3)), np.ones((4, 5)), np.ones((4, 5)), np.zeros(4))
+    forward = flops.forward_flops(cfg, 4, 3, 5)
+    for beta, updates, forwards in ((0.0, 1, 3), (0.04, 1, 4), (0.0, 2, 7), (0.04, 2, 8)):
+        step_cfg = train_step.get_default_config()
+        step_cfg.update(beta=beta, num_iterations=updates)
+        assert train_step.model_flops(cfg, step_cfg, batch) == forwards * forward
 
 
 # ----------------------------------------------------------------------------- rollout records
@@ -224,10 +250,16 @@ def test_rollout_records_split_guide_and_continuation(hint_in_prompt):
     advantages, zero_spread = run_logging.host_advantages(rollouts.rewards, rollouts.guided, 2, scale="group", eps=1e-4)
     np.testing.assert_allclose(advantages, grpo_numpy.group_advantages_ref(rollouts.rewards, 2), rtol=1e-6)
     assert zero_spread.tolist() == [False, True]
-    records = run_logging.rollout_records(7, rollouts, tokenizer, prompt_ids, 2, [0, 1], advantages, zero_spread)
+    tests = {"kind": "stdio", "cases": [{"input": "1 2", "output": "3"}]}
+    examples = [data.Example(id="one", prompt="q one?", answer="42"),
+                data.Example(id="two", prompt="q two?", tests=tests)]
+    records = run_logging.rollout_records(7, rollouts, tokenizer, prompt_ids, examples, 2, [0, 1], advantages,
+                                          zero_spread)
     assert [(r["group"], r["rollout"], r["problem_id"]) for r in records] == [(0, 0, 0), (0, 1, 0), (1, 0, 1), (1, 1, 1)]
     first, second = records[0], records[1]
     assert first["prompt"] == "q one?"  # the hint is not part of the prompt shown
+    # The reference each group was scored against: a math problem's gold answer, a code problem's tests.
+    assert [r["answer"] for r in records] == ["42", "42", tests, tests]
     assert (first["guided"], first["guide"], first["continuation"], first["guide_tokens"]) == (True, "ab", "cd", 2)
     assert first["continuation_tokens"] == 3  # 'c', 'd' and the stop token
     assert (second["guide"], second["continuation"]) == ("", "xyz")
@@ -251,3 +283,21 @@ def test_sampled_groups_are_a_function_of_seed_and_step():
     np.testing.assert_array_equal(picked, run_logging.sample_groups(16, 2, seed=0, step=3))
     assert run_logging.sample_groups(3, 5, seed=0, step=1).tolist() == [0, 1, 2]
     assert len({tuple(run_logging.sample_groups(16, 2, seed=0, step=s)) for s in range(1, 20)}) > 1
+
+
+def test_sandbox_summary_puts_one_protection_per_line():
+    report = {"isolation": "namespaces", "no_new_privs": True, "writable_mounts": ["/tmp/sandbox", "/dev/shm"],
+              "hidden_paths": [], "rlimits": {"RLIMIT_AS": 2147483648, "RLIMIT_NPROC": 64}, "output_cap_bytes": 1048576}
+    assert run_logging.sandbox_summary(report).splitlines() == [
+        "reward sandbox:",
+        "  isolation: namespaces",
+        "  no_new_privs: True",
+        "  writable_mounts: /tmp/sandbox, /dev/shm",
+        "  hidden_paths: none",
+        "  rlimits: RLIMIT_AS=2147483648, RLIMIT_NPROC=64",
+        "  output_cap_bytes: 1048576",
+    ]
+    from g2rpo_jax import rewards  # noqa: PLC0415
+
+    real = run_logging.sandbox_summary(rewards.sandbox_protections(log=False))  # what a run prints at start
+    assert max(len(line) for line in real.splitlines()) < 120 and "  isolation: " in real

@@ -163,6 +163,51 @@ def test_dropping_finished_rows_leaves_the_other_rows_unchanged(tiny):
     assert (mixed.tokens[running:] == 40).all() and (mixed.guided_mask[running:] == 1).all()
 
 
+def grouped_batch(num_prompts: int, group_size: int, guided_per_group: int):
+    """num_prompts × G rows, each group's rows adjacent and sharing its prompt; the first
+    `guided_per_group` rows of a group share the group's guide (guides differ across groups)."""
+    prompts, guides = [], []
+    for p in range(num_prompts):
+        prompt = [5 + p] + list(range(20, 20 + p % 5))
+        guide = [60 + p] * (2 + p % 3)
+        prompts += [prompt] * group_size
+        guides += [guide if g < guided_per_group else [] for g in range(group_size)]
+    return prompts, guides
+
+
+def test_distinct_prefills_groups_rows_in_order_of_appearance():
+    prefill = np.array([[0, 5], [0, 5], [1, 2], [0, 5], [1, 2]])
+    representatives, source = sampling.distinct_prefills(prefill, np.array([1, 1, 0, 0, 0]))
+    # Rows 0 and 1 share a prefill; row 3 has the same tokens but another guide length.
+    np.testing.assert_array_equal(representatives, [0, 2, 3])
+    np.testing.assert_array_equal(source, [0, 0, 1, 2, 1])
+
+
+def test_shared_prefix_prefill_gives_the_same_samples_as_one_prefill_per_row(tiny, monkeypatch):
+    """A group's rows share one prefill (and its guided rows one more); the tokens must be the same,
+    bit for bit, as when every row is prefilled on its own, and the log-probs agree to rounding."""
+    cfg, params, _ = tiny
+    prompts, guides = grouped_batch(num_prompts=6, group_size=8, guided_per_group=2)
+    kwargs = dict(max_new_tokens=10, temperature=1.0, eos_ids=(3, 4), rng=jax.random.key(9), first_row=5)
+    prefill_rows = []
+
+    def counting(*args, **kw):
+        prefill_rows.append(args[2].shape[0])  # prefill_tokens [D, P]
+        return prefill(*args, **kw)
+
+    prefill = sampling._prefill
+    monkeypatch.setattr(sampling, "_prefill", counting)
+    shared = sampling.sample(cfg, params, prompts, guides, **kwargs)
+    monkeypatch.setattr(sampling, "distinct_prefills", lambda rows, _: (np.arange(len(rows)), np.arange(len(rows))))
+    per_row = sampling.sample(cfg, params, prompts, guides, **kwargs)
+    assert prefill_rows == [16, 48]  # 12 distinct prompt + guide rows, bucketed to 16, against 48
+    np.testing.assert_array_equal(shared.tokens, per_row.tokens)
+    np.testing.assert_array_equal(shared.mask, per_row.mask)
+    np.testing.assert_array_equal(shared.guided_mask, per_row.guided_mask)
+    np.testing.assert_allclose(shared.logprobs, per_row.logprobs, atol=logprob_rounding(cfg, per_row.logprobs))
+    assert len({tuple(row) for row in shared.tokens[:8]}) > 2  # rows of a group still draw their own noise
+
+
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory):
     """A model with a 32-token vocabulary and peaked logits, so empirical frequencies are measurable."""

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from g2rpo_jax import train
 from tests import stand_in
 
 spec = importlib.util.spec_from_file_location("sweep", os.path.join(stand_in.REPO, "experiments", "sweep.py"))
@@ -50,6 +51,27 @@ def test_print_shows_train_eval_and_launcher_commands(capsys, tmp_path):
     assert lines[1].split()[1:8] == ["launch/tpu.py", "--tpu", "t1", "--zone", "z", "--num_workers", "2"]
     assert lines[1].endswith("--config.run.workdir=runs/s/method=clip_higher")  # the remote path, as given
     assert not os.path.exists(tmp_path / "s") and not os.path.exists(os.path.join(stand_in.REPO, "runs", "s"))
+
+
+@pytest.mark.parametrize("grid,fixed,message", [
+    ("guidance.alpah=0.25,0.5", "", '--config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"?'),
+    ("step.group_size=0,2", "", "step.group_size=0 is not valid; valid: an integer >= 1"),
+    ("run.seed=0,1", "step.group_size=two",
+     "--config.step.group_size=two: invalid literal for int() with base 10: 'two'"),
+])
+def test_print_checks_the_overrides_as_train_does(capsys, tmp_path, grid, fixed, message):
+    """A bad key or value stops the sweep before any command is printed: train's one-line error, status 2."""
+    config = "experiments/configs/g2rpo.py:demo"
+    argv = [f"--config={config}", "--grid", grid, *(["--set", fixed] if fixed else []), "--out", str(tmp_path),
+            "--print"]
+    assert sweep.main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.startswith(f"experiments/sweep.py: {message}")
+    assert len(printed.err.strip().splitlines()) == 1
+    first = sweep.plan(config, sweep.parse_grid([grid]), [sweep.parse_assignment(fixed, "--set")] if fixed else [],
+                       str(tmp_path))[0]
+    body = printed.err.strip().removeprefix("experiments/sweep.py: ")
+    assert train.check_args("python -m g2rpo_jax.train", first.train_args) == f"python -m g2rpo_jax.train: {body}"
 
 
 def test_final_eval_summary_takes_precedence_over_metrics(tmp_path):

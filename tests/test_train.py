@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -101,14 +102,17 @@ def test_demo_runs_resumes_and_exports(tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in records] == [1] * 4 + [2] * 4 + [3] * 4
     assert len(sampled) == 3
     for record in records:
-        assert set(record) == {"step", "group", "rollout", "problem_id", "prompt", "guided", "guide", "continuation",
-                               "guide_tokens", "continuation_tokens", "reward", "rewards", "advantage", "zero_spread"}
+        assert set(record) == {"step", "group", "rollout", "problem_id", "prompt", "answer", "guided", "guide",
+                               "continuation", "guide_tokens", "continuation_tokens", "reward", "rewards", "advantage",
+                               "zero_spread"}
         rollouts = sampled[record["step"] - 1]
         group = slice(2 * record["group"], 2 * record["group"] + 2)
         i = 2 * record["group"] + record["rollout"]
         assert record["guided"] == bool(rollouts.guided[i]) and record["problem_id"] == rollouts.problem_ids[i]
         assert record["guide"] + record["continuation"] == rollouts.texts[i]
         assert bool(record["guide"]) == record["guided"] and record["prompt"].startswith("Question:")
+        first_term, second_term = re.search(r"(\d+)\+(\d+)=", record["prompt"]).groups()
+        assert record["answer"] == str(int(first_term) + int(second_term))  # the group's gold answer
         assert record["reward"] == rollouts.rewards[i] and record["rewards"]["accuracy"] == rollouts.accuracy[i]
         expected = grpo_numpy.group_advantages_ref(rollouts.rewards, 2)[i]  # scale 'group', eps 1e-4
         assert record["advantage"] == pytest.approx(expected, abs=1e-6)

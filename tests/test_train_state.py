@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -235,16 +236,23 @@ def test_host_state_travels_in_the_same_checkpoint(tmp_path):
     manager.close()
 
 
-def test_keeps_the_latest_and_the_best_scoring_step(tmp_path):
+def test_keeps_the_latest_and_the_best_scoring_step(tmp_path, caplog):
     state = train_state.create({"w": jnp.zeros(3)}, optim.make_optimizer(optimizer_config()),
                                guidance.get_default_config(), jax.random.key(0))
     manager = train_state.make_checkpoint_manager(str(tmp_path), max_to_keep=2, keep_best=True)
     scores = {2: 0.9, 4: 0.1}  # only evaluated steps carry a score
-    for step in range(1, 7):
-        train_state.save_checkpoint(manager, state, {}, step=step, score=scores.get(step))
-    manager.wait_until_finished()
+    with caplog.at_level(logging.WARNING):
+        for step in range(1, 7):
+            train_state.save_checkpoint(manager, state, {}, step=step, score=scores.get(step))
+        manager.wait_until_finished()
     assert manager.all_steps() == [2, 5, 6]  # the latest two and the best
+    assert manager.best_step() == 2
     manager.close()
+    assert not [r.getMessage() for r in caplog.records if "tracked_metric" in r.getMessage()]  # a step without
+    # a score is an ordinary save, not a warning
+    reopened = train_state.make_checkpoint_manager(str(tmp_path), max_to_keep=2, keep_best=True)
+    assert reopened.best_step() == 2  # the scores read back; unscored steps rank below every score
+    reopened.close()
 
 
 def _save_steps(directory, steps):

@@ -61,6 +61,26 @@ def _define_flags(argv: Sequence[str]):
     return flag_values
 
 
+def help_text() -> str:
+    """The usage, the presets of experiments/configs/eval.py, the flags and the default config
+    (indented, one key per line), with their line breaks as written."""
+    usage = (f"usage: {PROGRAM} --checkpoint DIR --tasks math500,humaneval --output_dir OUT "
+             "[--config=FILE] [--config.KEY=VALUE ...]")
+    presets = os.path.join(os.path.dirname(command_line.TRAINING_CONFIGS), "eval.py")
+    kinds = {str: "", int: " INT", float: " FLOAT"}
+    flags = [(f"--{name}{kinds[kind]}", text) for name, (kind, text) in _SHORTCUT_FLAGS.items()]
+    flags += [("--config=FILE[:ARG]", "an ml_collections config file (default: the config below)"),
+              ("--config.KEY=VALUE", "sets one key of the config, e.g. --config.prompt.enable_thinking=False")]
+    width = max(len(flag) for flag, _ in flags)
+    return "\n".join([
+        command_line.config_file_help(usage, presets), "",
+        "flags (a plain flag sets the config key of its name, after --config and its overrides):",
+        *(f"  {flag:<{width}}  {text}" for flag, text in flags), "",
+        "the default config (g2rpo_jax/eval/settings.py):",
+        *command_line.config_lines(get_default_config()),
+    ])
+
+
 def parse_command_line(argv: Sequence[str]) -> config_dict.ConfigDict:
     """--config=FILE (else the defaults), --config.KEY=VALUE overrides, then the plain flags.
 
@@ -74,11 +94,8 @@ def parse_command_line(argv: Sequence[str]) -> config_dict.ConfigDict:
     except (KeyError, AttributeError, ValueError, OSError) as error:
         defaults = None if any(a.startswith("--config=") for a in argv) else get_default_config()
         raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv, defaults)) from None
-    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
-        usage = (f"usage: {PROGRAM} --checkpoint DIR --tasks math500,humaneval --output_dir OUT "
-                 "[--config=FILE] [--config.KEY=VALUE ...]")
-        presets = os.path.join(os.path.dirname(command_line.TRAINING_CONFIGS), "eval.py")
-        print(command_line.config_file_help(usage, presets) + "\n\n" + flag_values.get_help())
+    if any(arg in command_line.HELP_FLAGS for arg in argv[1:]):
+        print(help_text())
         raise SystemExit(0)
     try:
         rest = flag_values(argv)

@@ -226,6 +226,10 @@ class DecoderModel(nn.Module):
 
     cfg: ModelConfig
     remat: bool = False
+    # Layout of the embedded tokens [B, T, E] (e.g. batch-sharded), or None to let XLA choose.
+    # Without it the gather's output takes the embedding table's hidden-axis sharding (FSDP), and
+    # every layer then holds parts of whole-batch tensors.
+    activation_sharding: Optional[jax.sharding.Sharding] = None
 
     @nn.compact
     def __call__(self, tokens, positions, mask, cache_k=None, cache_v=None, write_index=None):
@@ -245,6 +249,8 @@ class DecoderModel(nn.Module):
                 cfg.weight_dtype,
             )
         x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)  # [B, T, E]
+        if self.activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
         sin, cos = rope_tables(positions, inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
         layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
         new_k, new_v = [], []
@@ -301,12 +307,15 @@ def positions_from_mask(valid: jax.Array, start: Optional[jax.Array] = None) -> 
     return jnp.maximum(counts, 0)
 
 
-def hidden_states(cfg: ModelConfig, params, tokens, valid=None, remat: bool = False) -> jax.Array:
-    """Final hidden states [B, T, E] for a (possibly left-padded) batch without a cache."""
+def hidden_states(cfg: ModelConfig, params, tokens, valid=None, remat: bool = False,
+                  activation_sharding: Optional[jax.sharding.Sharding] = None) -> jax.Array:
+    """Final hidden states [B, T, E] for a (possibly left-padded) batch without a cache.
+    `activation_sharding`: the layout of the [B, T, E] activations (see `DecoderModel`)."""
     if valid is None:
         valid = jnp.ones(tokens.shape, bool)
     mask = causal_mask(jnp.arange(tokens.shape[1]), valid)
-    hidden, _ = DecoderModel(cfg, remat=remat).apply({"params": params}, tokens, positions_from_mask(valid), mask)
+    model = DecoderModel(cfg, remat=remat, activation_sharding=activation_sharding)
+    hidden, _ = model.apply({"params": params}, tokens, positions_from_mask(valid), mask)
     return hidden
 
 

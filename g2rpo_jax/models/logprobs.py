@@ -41,7 +41,10 @@ def token_logprobs(
 
     The vocabulary projection runs over chunks of positions under `jax.checkpoint`, so neither the
     forward nor the backward pass holds more than [B, chunk, V] logits at once (a 151k vocabulary
-    times thousands of positions would not fit otherwise). Returns [B, T] (and the entropy [B, T]).
+    times thousands of positions would not fit otherwise). When one chunk covers every position,
+    the backward keeps that chunk's logits instead of projecting again: the peak is the same
+    [B, T, V] either way, and the LM head's forward is not paid twice.
+    Returns [B, T] (and the entropy [B, T]).
     """
     chex.assert_rank(hidden, 3)
     chex.assert_equal_shape_prefix([hidden, targets], 2)
@@ -54,15 +57,18 @@ def token_logprobs(
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [C, B, chunk, E]
     target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [C, B, chunk]
 
-    @jax.checkpoint
     def one_chunk(h, t):
         scaled, log_norm = _scaled_and_log_norm(logits_from_hidden(cfg, params, h), temperature)  # [B, chunk, V]
         picked = _at(scaled, t) - log_norm
         if not with_entropy:
             return picked, jnp.zeros_like(picked)
-        # Entropy of softmax(scaled): log Z - Σ p x, sharing log Z with the log-probs.
-        return picked, log_norm - jnp.sum(jax.nn.softmax(scaled, axis=-1) * scaled, axis=-1)
+        # Entropy of softmax(scaled): log Z - Σ p x with p = exp(x - log Z), sharing log Z with the
+        # log-probs (one more exponential over the vocabulary, not a second softmax).
+        probs = jnp.exp(scaled - log_norm[..., None])
+        return picked, log_norm - jnp.sum(probs * scaled, axis=-1)
 
+    if num_chunks > 1:
+        one_chunk = jax.checkpoint(one_chunk)
     logps, entropy = jax.lax.map(lambda xs: one_chunk(*xs), (hidden_chunks, target_chunks))
     logps = logps.swapaxes(0, 1).reshape(batch, -1)[:, :steps]
     entropy = entropy.swapaxes(0, 1).reshape(batch, -1)[:, :steps]

@@ -1,0 +1,260 @@
+"""How close the train step and the sampler come to this machine's limits, measured in one run.
+
+Measures, in the same process and dtype:
+  * the matmul peak: best FLOP/s of a square `jnp.dot` (2048³ on a CPU, 8192³ on a GPU);
+  * the memory bandwidth: best bytes/s of an elementwise pass over a large array (read + write);
+  * the train step (`train_step.make_train_step`, AdamW, β = 0, μ = 1) on a random-init model and
+    a batch of `--rows` rollouts × (prompt + completion) tokens. Model FLOPs are `g2rpo_jax.flops`'
+    count (PaLM's MFU count; the LM head on completion positions only, where the loss needs it). The
+    ratio to the matmul peak is the model-FLOPs utilisation (MFU). XLA's own count of the compiled
+    program (recomputation and elementwise work included) is printed beside it.
+  * decoding (`sampling.sample`, temperature 1, every row generating all new tokens): decode time
+    is the time for N new tokens minus the time for 1 (which is the prefill plus one step). Its
+    memory floor is the bytes each step must read (the parameters, and the KV cache up to the
+    current length) at the measured bandwidth; its compute floor is the matmul FLOPs at peak.
+    Reported: bytes moved per second as a share of the bandwidth ("memory roofline"), and the
+    floor (compute + memory, as issue 3's note derived it) as a share of the measured time.
+  * the guided/unguided time ratio: a quarter of the rows carrying a `--guide-len` token guide.
+
+    python experiments/benchmarks/utilization.py                        # CPU acceptance: 512/8, f32
+    python experiments/benchmarks/utilization.py --model qwen3-1.7b --dtype bfloat16 --rows 64 \
+        --prompt-len 256 --new-tokens 512 --micro-batch 16 --remat           # one GPU
+
+The last lines are `train-step MFU: X%` and `decode memory roofline: X%`. Times are the median of
+`--repeats` runs after a warm-up run (compilation excluded); the spread is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from g2rpo_jax import guidance, models, optim, sampling, train_state, train_step
+from g2rpo_jax.flops import decode_step_cost, matmul_parameters, train_step_flops
+
+# Random-init shapes (vocab, hidden, intermediate, layers, heads, kv heads, head_dim, tied). The
+# Qwen3 rows follow the published config.json of each model.
+SHAPES = {
+    "tiny": (512, 64, 128, 2, 4, 2, 16, True),
+    "small": (32000, 256, 768, 4, 4, 2, 64, True),
+    "bench": (32000, 512, 1536, 8, 8, 4, 64, True),
+    "qwen3-0.6b": (151936, 1024, 3072, 28, 16, 8, 128, True),
+    "qwen3-1.7b": (151936, 2048, 6144, 28, 16, 8, 128, True),
+}
+
+
+def model_config(name: str, dtype: str) -> models.ModelConfig:
+    vocab, hidden, inter, layers, heads, kv_heads, head_dim, tied = SHAPES[name]
+    return models.ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                              num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=tied,
+                              param_dtype=dtype, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- machine limits
+
+
+def median_and_spread(run, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) wall seconds of `run()` over `repeats` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of an n×n by n×n product in `dtype` (accumulation as XLA does it by default)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    product = jax.jit(jnp.dot)
+    product(a, b).block_until_ready()
+    best = min(_timed(lambda: product(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def memory_bandwidth(num_bytes: int, repeats: int = 5) -> float:
+    """Best bytes/s of y = x * 2 + 1 on a float32 array of `num_bytes` (each byte read and written)."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    scale = jax.jit(lambda v: v * 2 + 1)
+    scale(x).block_until_ready()
+    best = min(_timed(lambda: scale(x).block_until_ready()) for _ in range(repeats))
+    return 2 * num_bytes / best
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the two workloads
+
+
+@dataclasses.dataclass
+class Shape:
+    rows: int
+    group_size: int
+    prompt_len: int
+    new_tokens: int
+    guide_len: int
+    micro_batch: int
+    remat: bool
+
+
+def random_batch(cfg: models.ModelConfig, shape: Shape, seed: int = 0) -> train_step.RolloutBatch:
+    """Full-length rollouts with random tokens and rewards (every group has reward spread)."""
+    rs = np.random.RandomState(seed)
+    rows, prompt_len, completion_len = shape.rows, shape.prompt_len, shape.new_tokens
+    rewards = np.tile(np.arange(shape.group_size) % 2, rows // shape.group_size).astype(np.float32)
+    return train_step.make_batch(
+        rs.randint(2, cfg.vocab_size, (rows, prompt_len)), np.ones((rows, prompt_len)),
+        rs.randint(2, cfg.vocab_size, (rows, completion_len)), np.ones((rows, completion_len)), rewards)
+
+
+def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
+    step_cfg = train_step.get_default_config()
+    step_cfg.update(group_size=shape.group_size, beta=0.0, micro_batch_size=shape.micro_batch, remat=shape.remat)
+    gcfg = guidance.get_default_config()
+    optimizer = optim.make_optimizer(optim.get_default_config())
+    state = train_state.create(params, optimizer, gcfg, jax.random.key(0))
+    batch = jax.device_put(random_batch(cfg, shape))
+    step = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=True)
+    start = time.perf_counter()
+    compiled = step.lower(state, None, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], None, batch)
+        jax.block_until_ready(metrics)
+
+    median, low, high = median_and_spread(run, repeats)
+    return dict(median=median, low=low, high=high, compile=compile_s,
+                flops=train_step_flops(cfg, shape.rows, shape.prompt_len, shape.new_tokens),
+                xla_flops=float((cost or {}).get("flops", float("nan"))))
+
+
+def time_decode(cfg, params, shape: Shape, repeats: int) -> dict:
+    rs = np.random.RandomState(1)
+    prompts = rs.randint(2, cfg.vocab_size, (shape.rows, shape.prompt_len)).tolist()
+    guides = [list(rs.randint(2, cfg.vocab_size, shape.guide_len)) if i % 4 == 0 else [] for i in range(shape.rows)]
+
+    def run(new_tokens: int, with_guides=None):
+        out = sampling.sample(cfg, params, prompts, with_guides, max_new_tokens=new_tokens, temperature=1.0,
+                              eos_ids=(), rng=jax.random.key(0))
+        assert int(out.mask.sum()) == shape.rows * new_tokens, "every row must produce all new tokens"
+
+    one = median_and_spread(lambda: run(1), repeats)
+    full = median_and_spread(lambda: run(shape.new_tokens), repeats)
+    guided = median_and_spread(lambda: run(shape.new_tokens, guides), repeats)
+    steps = shape.new_tokens - 1
+    flops = bytes_read = 0.0
+    for position in range(shape.prompt_len + 1, shape.prompt_len + shape.new_tokens):
+        step_flops, step_bytes = decode_step_cost(cfg, shape.rows, position, jnp.dtype(cfg.dtype).itemsize)
+        flops, bytes_read = flops + step_flops, bytes_read + step_bytes
+    return dict(decode=full[0] - one[0], full=full, one=one, guided=guided, steps=steps, flops=flops,
+                bytes=bytes_read)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _spread(t: tuple[float, float, float]) -> str:
+    return f"{t[0]:.3f} s (min {t[1]:.3f}, max {t[2]:.3f})"
+
+
+def _flop(x: float) -> str:
+    """FLOPs (or FLOP/s) in the unit that keeps three digits: G below 1e12, else T."""
+    return f"{x / 1e12:.3f} T" if x >= 1e12 else f"{x / 1e9:.3f} G"
+
+
+def report(name, cfg, shape, peak, bandwidth, train, decode) -> list[str]:
+    device = jax.devices()[0]
+    body, head = matmul_parameters(cfg)
+    lines = [
+        f"model: {name} {cfg.dtype}, {(body + head) / 1e6:.1f}M matmul parameters; {device.platform} "
+        f"({device.device_kind}), {jax.device_count()} device(s), jax {jax.__version__}",
+        f"matmul peak: {_flop(peak)}FLOP/s   memory bandwidth: {bandwidth / 1e9:.1f} GB/s",
+    ]
+    if train:
+        achieved = train["flops"] / train["median"]
+        tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
+        lines += [
+            f"train step: {shape.rows} rows x ({shape.prompt_len} + {shape.new_tokens}) tokens, micro-batch "
+            f"{shape.micro_batch or shape.rows}, remat {shape.remat}: {_spread((train['median'], train['low'], train['high']))}, "
+            f"compile {train['compile']:.1f} s, {tokens / train['median']:.0f} tokens/s",
+            f"  model FLOPs {_flop(train['flops'])} ({_flop(achieved)}FLOP/s); XLA counts "
+            f"{_flop(train['xla_flops'])} executed ({_flop(train['xla_flops'] / train['median'])}FLOP/s)",
+        ]
+    if decode:
+        decode_s = decode["decode"]
+        memory_floor = decode["bytes"] / bandwidth
+        compute_floor = decode["flops"] / peak
+        new_tokens = shape.rows * shape.new_tokens
+        lines += [
+            f"sampler: {shape.rows} rows x {shape.prompt_len} prompt + {shape.new_tokens} new tokens: "
+            f"{_spread(decode['full'])}, {new_tokens / decode['full'][0]:.0f} tokens/s; 1 new token {_spread(decode['one'])}",
+            f"  decode {decode['steps']} steps: {decode_s:.3f} s ({decode_s / decode['steps'] * 1e3:.2f} ms/step), "
+            f"{decode['bytes'] / decode_s / 1e9:.1f} GB/s read; floor: memory {memory_floor:.3f} s + "
+            f"compute {compute_floor:.3f} s",
+            f"  guided (a quarter of rows with a {shape.guide_len}-token guide): {_spread(decode['guided'])}; "
+            f"guided/unguided time: {decode['guided'][0] / decode['full'][0]:.2f}",
+            f"decode floor share: {(memory_floor + compute_floor) / decode_s:.0%}",
+        ]
+    if train:
+        lines.append(f"train-step MFU: {train['flops'] / train['median'] / peak:.0%}")
+    if decode:
+        lines.append(f"decode memory roofline: {decode['bytes'] / decode['decode'] / bandwidth:.0%}")
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bench", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--rows", type=int, default=64, help="rollouts per batch (prompts × G)")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--guide-len", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8,
+                        help="rows per gradient micro-batch (0 = all); one group (8) keeps a CPU's matmuls in cache")
+    parser.add_argument("--remat", action="store_true", help="rematerialise decoder layers in the backward")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matmul-size", type=int, default=0, help="0: 8192 on a GPU, 2048 otherwise")
+    parser.add_argument("--bandwidth-mib", type=int, default=0, help="0: 2048 on a GPU, 256 otherwise")
+    parser.add_argument("--skip", choices=["train", "decode"], default=None)
+    args = parser.parse_args(argv)
+    if args.rows % args.group_size:
+        parser.error(f"--rows={args.rows} must be a multiple of --group-size={args.group_size}")
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens={args.new_tokens}: decode time is N new tokens minus 1, so N must be >= 2")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    cfg = model_config(args.model, args.dtype)
+    shape = Shape(args.rows, args.group_size, args.prompt_len, args.new_tokens, args.guide_len, args.micro_batch,
+                  args.remat)
+    peak = matmul_peak(args.dtype, args.matmul_size or (8192 if on_gpu else 2048))
+    bandwidth = memory_bandwidth((args.bandwidth_mib or (2048 if on_gpu else 256)) << 20)
+    params = jax.jit(lambda key: models.init_params(cfg, key))(jax.random.key(0))
+    decode = time_decode(cfg, params, shape, args.repeats) if args.skip != "decode" else None
+    train = time_train_step(cfg, params, shape, args.repeats) if args.skip != "train" else None
+    print("\n".join(report(args.model, cfg, shape, peak, bandwidth, train, decode)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
