@@ -100,18 +100,7 @@ def target(name: str) -> Target:
 
 # ----------------------------------------------------------------------------- model shapes
 
-# Hugging Face config.json values of the Qwen3 releases (Qwen/Qwen3-0.6B, -1.7B, -8B), so a plan
-# needs no checkpoint: hidden, MLP width, layers, query heads, KV heads, tied embeddings.
-_QWEN3 = dict(vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-              max_position_embeddings=40_960, architecture="Qwen3ForCausalLM")
-MODEL_SHAPES = {
-    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-                       num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
-                       num_kv_heads=8, tie_word_embeddings=True),
-    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
-                     num_kv_heads=8, tie_word_embeddings=False),
-}
+MODEL_SHAPES = models.QWEN3_SHAPES  # names accepted by --model_shape
 
 
 def model_config(cfg: ml_collections.ConfigDict, model_shape: str = "", preset: str = "") -> models.ModelConfig:
@@ -539,7 +528,6 @@ USAGE = ("python -m g2rpo_jax.plan --config=experiments/configs/g2rpo.py:<preset
          "[--model_shape=qwen3-1.7b] [--targets=tpu-v5p-8,...] [--mesh_shape=data=1,fsdp=-1,tensor=1] "
          "[--num_devices=N] [--device_memory_gib=G] [--search] [--markdown] [--config.<key>=<value> ...]")
 PROGRAM = "python -m g2rpo_jax.plan"
-HELP_FLAGS = ("-h", "--help", "-help", "-?", "--helpshort", "--helpfull")
 
 
 def devices_to_plan(targets: Sequence[str], num_devices: int, device_memory_gib: float) -> list[Target]:
@@ -641,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     flag_values = flags.FlagValues()
     defined = _define_flags(flag_values, argv)
-    if any(arg in HELP_FLAGS for arg in argv[1:]):
+    if any(arg in command_line.HELP_FLAGS for arg in argv[1:]):
         print(f"usage: {USAGE}\n\n{__doc__}\nflags:\n{flag_values.get_help()}")
         return 0
     try:

@@ -315,13 +315,21 @@ def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, 
     return jax.tree.map(take, state)
 
 
+def batch_sizes(largest: int, multiple: int) -> list[int]:
+    """The batch sizes a generation may shrink to: `multiple` (so the mesh still divides them) times
+    a power of two or 1.5 times one, up to `largest`. Two sizes per octave bound the number of
+    compiled programs, and let a batch whose guided rows (a quarter, say) finished go on at 3/4."""
+    sizes, base = set(), multiple
+    while base <= largest:
+        sizes.update(size for size in (base, base * 3 // 2) if size <= largest and size % multiple == 0)
+        base *= 2
+    return sorted(sizes | {largest})
+
+
 def _smaller_batch(done: np.ndarray, multiple: int) -> int:
-    """The batch size to continue with: halved while the running rows still fit (a multiple of
-    `multiple`, so the mesh still divides it); halving bounds the number of compiled programs."""
-    size, running = done.shape[0], int((~done).sum())
-    while size % (2 * multiple) == 0 and size // 2 >= running:
-        size //= 2
-    return size
+    """The batch size to continue with: the smallest of `batch_sizes` that holds the running rows."""
+    running = int((~done).sum())
+    return next(size for size in batch_sizes(done.shape[0], multiple) if size >= running)
 
 
 def _is_integer(value) -> bool:

@@ -146,17 +146,26 @@ def test_same_rng_same_samples_and_rows_get_independent_noise(tiny):
     assert (a.tokens != c.tokens).any()
 
 
-def test_dropping_finished_rows_leaves_the_other_rows_unchanged(tiny):
+def test_batch_sizes_take_two_steps_per_octave():
+    assert sampling.batch_sizes(64, 8) == [8, 16, 24, 32, 48, 64]
+    assert sampling.batch_sizes(24, 8) == [8, 16, 24]  # 12 is no multiple of 8 (the mesh's batch shards)
+    assert sampling._smaller_batch(np.arange(64) >= 48, 8) == 48  # a quarter of the rows finished
+    assert sampling._smaller_batch(np.arange(64) >= 50, 8) == 64
+
+
+@pytest.mark.parametrize("running", [3, 12])
+def test_dropping_finished_rows_leaves_the_other_rows_unchanged(tiny, running):
     """Rows that finish early are dropped from the decode batch; the rows still running must come
     out exactly as they do in a batch where nothing finishes early (same rng, same row index)."""
     cfg, params, _ = tiny
-    budget, running = 12, 3
+    budget = 12
     prompts = [[5 + i, 6, 7] for i in range(16)]
     guides = [[]] * running + [[40] * budget] * (16 - running)  # a guide filling the budget ends the row
     kwargs = dict(max_new_tokens=budget, temperature=1.0, rng=jax.random.key(4), batch_multiple=4)
     mixed = sampling.sample(cfg, params, prompts, guides, **kwargs)
     alone = sampling.sample(cfg, params, prompts, **kwargs)
-    assert sampling._smaller_batch(np.arange(16) >= running, 4) == 4  # 16 rows decode as 4
+    # 16 rows decode as 4 when 3 run on, as 12 when 12 do.
+    assert sampling._smaller_batch(np.arange(16) >= running, 4) == {3: 4, 12: 12}[running]
     np.testing.assert_array_equal(mixed.tokens[:running], alone.tokens[:running])
     np.testing.assert_allclose(mixed.logprobs[:running], alone.logprobs[:running],
                                atol=logprob_rounding(cfg, alone.logprobs[:running]))

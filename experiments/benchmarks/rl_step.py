@@ -82,12 +82,8 @@ VOCAB_SIZE = 32_000
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 31997, 31998, 31999
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 
-# Qwen3-shaped models (GQA 2:1, 64-dim heads, tied embeddings), vocabulary 32,000.
-MODEL_SHAPES = {
-    "256x4": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
-    "512x8": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-}
+# The configurations' model sizes: experiments/benchmarks/shapes.py's shapes, vocabulary 32,000.
+MODEL_SHAPES = {"256x4": "small", "512x8": "bench", "tiny": "tiny"}
 BETAS = {"b0": 0.0, "b0.04": 0.04}
 CONFIGS = tuple(f"{shape}-{beta}" for shape in MODEL_SHAPES for beta in BETAS)
 FULL_CONFIGS = ("256x4-b0", "256x4-b0.04", "512x8-b0", "512x8-b0.04")
@@ -178,15 +174,15 @@ def write_model(path: str, shape: str, tokenizer) -> int:
     import jax
     import numpy as np
 
+    import shapes
     from g2rpo_jax import models
 
-    cfg = models.ModelConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             **MODEL_SHAPES[shape])
+    cfg = shapes.model_config(MODEL_SHAPES[shape], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
     # The project's initialisation (normal(0, 0.02) weights, unit norm scales, zero biases), drawn
     # with numpy on the shapes of `init_params`: tracing and compiling Flax's init takes longer.
     rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
 
     def draw(path, leaf):
         name = jax.tree_util.keystr(path)
@@ -196,7 +192,7 @@ def write_model(path: str, shape: str, tokenizer) -> int:
             return np.zeros(leaf.shape, np.float32)
         return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-    params = jax.tree_util.tree_map_with_path(draw, shapes)
+    params = jax.tree_util.tree_map_with_path(draw, abstract)
     models.save_hf(path, cfg, params)
     tokenizer.save_pretrained(path)
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -564,6 +560,8 @@ def main(argv=None) -> int:
     workload = QUICK_WORKLOAD if args.quick else FULL_WORKLOAD
 
     peer = not args.no_peer
+    if os.sep in args.trl_python:  # a path: the peer runs in the run directory, so make it absolute
+        args.trl_python = os.path.abspath(args.trl_python)
     if peer and not os.path.exists(args.trl_python):
         print(f"TRL peer skipped: {args.trl_python} does not exist. `make bench` creates .venv-trl from "
               "experiments/benchmarks/requirements-trl.txt; or pass --trl-python PATH; --no-peer silences this.")

@@ -63,20 +63,13 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from g2rpo_jax import models, sampling
+from shapes import SHAPES, hf_config
 
 REPO = Path(__file__).resolve().parents[2]
 TUNIX_WORKER = Path(__file__).resolve().with_name("tunix_sampler.py")
 TUNIX_REQUIREMENTS = "experiments/benchmarks/requirements-tunix.txt"
 PEERS = ("transformers", "tunix")
 
-MODELS = {
-    "bench": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True),
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-}
 # Shapes of a full run and of --quick; a flag given explicitly overrides either.
 FULL = dict(model="bench", batch=64, prompt_len=64, new_tokens=128, guide_len=64, group_size=8, repeats=3)
 QUICK = dict(model="tiny", batch=16, prompt_len=8, new_tokens=16, guide_len=8, group_size=8, repeats=1)
@@ -156,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help=f"interleaved rounds, best of which counts (default {FULL['repeats']})")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--torch-device", default="cpu", help="cpu, or cuda on a GPU machine")
-    parser.add_argument("--model", choices=sorted(MODELS), help=f"default {FULL['model']}")
+    parser.add_argument("--model", choices=sorted(SHAPES), help=f"default {FULL['model']}")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tunix-python", type=Path, default=REPO / ".venv-tunix" / "bin" / "python",
                         help="python of the Tunix venv (default: .venv-tunix/bin/python in the repository)")
@@ -184,7 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
-    model_shape = MODELS[args.model]
+    model_shape = hf_config(args.model)
     vocab = model_shape["vocab_size"]
     with tempfile.TemporaryDirectory() as workdir:
         run_benchmark(args, model_shape, vocab, workdir)
@@ -193,8 +186,8 @@ def main(argv=None):
 def run_benchmark(args, model_shape: dict, vocab: int, workdir: str) -> None:
     checkpoint = os.path.join(workdir, "checkpoint")
     torch.manual_seed(0)
-    hf_config = Qwen3Config(**model_shape, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    hf_model = Qwen3ForCausalLM(hf_config).to(getattr(torch, args.dtype)).eval()
+    torch_config = Qwen3Config(**model_shape)
+    hf_model = Qwen3ForCausalLM(torch_config).to(getattr(torch, args.dtype)).eval()
     hf_model.save_pretrained(checkpoint)
     cfg, params = models.load_hf(checkpoint)
     hf_model = hf_model.to(args.torch_device)

@@ -2,6 +2,7 @@
 checkpoints in and out. The family is read from config.json; everything else is family-blind."""
 
 from g2rpo_jax.models.config import (
+    QWEN3_SHAPES,
     SUPPORTED_ARCHITECTURES,
     Llama3RopeScaling,
     ModelConfig,
@@ -38,6 +39,7 @@ from g2rpo_jax.models.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 Qwen3Model = DecoderModel  # the module's name while Qwen3 was the only family
 
 __all__ = [
+    "QWEN3_SHAPES",
     "DecoderModel",
     "KVCache",
     "Llama3RopeScaling",

@@ -15,8 +15,21 @@ from g2rpo_jax.models.rope import Llama3RopeScaling
 SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_DTYPES", "Llama3RopeScaling", "ModelConfig", "Qwen3Config",
-           "config_from_hf", "config_to_hf", "resolve_dtype"]
+__all__ = ["QWEN3_SHAPES", "SUPPORTED_ARCHITECTURES", "SUPPORTED_DTYPES", "Llama3RopeScaling", "ModelConfig",
+           "Qwen3Config", "config_from_hf", "config_to_hf", "resolve_dtype"]
+
+# `ModelConfig` fields of the Qwen3 releases (config.json of Qwen/Qwen3-0.6B, -1.7B, -8B), for
+# plans and benchmarks that need a real model's shape but no checkpoint.
+_QWEN3 = dict(vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+              max_position_embeddings=40_960, architecture="Qwen3ForCausalLM")
+QWEN3_SHAPES = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16,
+                       num_kv_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                     num_kv_heads=8, tie_word_embeddings=False),
+}
 
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
