@@ -299,7 +299,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], dest="fixed", help="KEY=VALUE for every run")
     parser.add_argument("--out", required=True, help="the sweep's folder; runs are OUT/<name>")
     parser.add_argument("--print", action="store_true", dest="print_only", help="print the commands only")
-    parser.add_argument("--launcher", choices=("", "gpu", "tpu"), default="", help="run each through launch/")
+    parser.add_argument("--launcher", choices=("gpu", "tpu"), default="",
+                        help="run each through launch/gpu.py or launch/tpu.py (default: here, one after another)")
     parser.add_argument("--launcher_args", default="", help="the launcher's own flags, as one string")
     parser.add_argument("--final_eval", default="", help="eval preset (experiments/configs/eval.py) for final_hf")
     parser.add_argument("--metrics", default="pass@1", help="comma-separated per-task metrics of the table")

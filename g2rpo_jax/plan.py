@@ -554,7 +554,7 @@ def report(cfg: ml_collections.ConfigDict, model_cfg: models.ModelConfig, device
            preset: str = "", headroom: float = 0.0) -> str:
     """The text the command prints: the plan of the configured layout on each target and, with
     `search`, the first layout that fits (`search_layout`). A configured micro-batch that does not
-    split over a target's batch shards raises ValueError, or with `search` is reported as such."""
+    split over a target's batch shards is reported on that target's line with the valid values."""
     out = [MARKDOWN_HEADER] if markdown else [label]
     micro = int(cfg.step.micro_batch_size)
     for device in devices:
@@ -562,12 +562,11 @@ def report(cfg: ml_collections.ConfigDict, model_cfg: models.ModelConfig, device
         try:
             plan = make_plan(cfg, model_cfg, mesh, device.memory_bytes, headroom)
         except ValueError as error:  # e.g. a micro-batch sized for another device count
-            if not search:
-                raise ValueError(f"on {device.name}: {error}") from None
             unit = sharding_lib.batch_axis_size(mesh, tuple(cfg.mesh.rules)) * cfg.step.group_size
             out.append(_row(preset, device.name, "configured", mesh.shape, micro,
                             f"no: micro_batch_size must be a multiple of {unit} here") if markdown
-                       else f"on {device.name}: the configured layout is not valid here ({error})")
+                       else f"on {device.name}: the configured layout is not valid here ({error})"
+                            + ("" if search else "; --search finds a layout that fits"))
         else:
             out.append(markdown_row(preset, device.name, "configured", micro, plan) if markdown
                        else format_plan(plan, f"on {device.name} ({device.source}):"))
@@ -630,7 +629,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     flag_values = flags.FlagValues()
     defined = _define_flags(flag_values, argv)
     if any(arg in command_line.HELP_FLAGS for arg in argv[1:]):
-        print(f"usage: {USAGE}\n\n{__doc__}\nflags:\n{flag_values.get_help()}")
+        flag_lines = [f"  --{name}: {flag_values[name].help}" for name in defined if name != "config"]
+        print(f"usage: {USAGE}\n\n{__doc__}\nflags:\n  --config: a training config, experiments/configs/"
+              "<file>.py:<preset>[,<method>], then --config.<key>=<value> overrides (its presets: python -m "
+              "g2rpo_jax.train --help)\n" + "\n".join(flag_lines))
         return 0
     try:
         flag_values(argv)

@@ -128,7 +128,7 @@ def final_export_missing(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
 def complete_message(cfg: ml_collections.ConfigDict, workdir: str, step: int) -> str:
     """What a re-run of a finished run says: nothing to train, and where its results are."""
     outputs = [os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "checkpoints", str(step))]
-    if cfg.run.save_hf_at_end:
+    if cfg.run.save_hf_at_end and not final_export_missing(cfg, workdir):
         outputs.append(final_hf_dir(workdir))
     return (f"the run in {workdir} is already complete at step {step} (run.total_steps={cfg.run.total_steps}); "
             f"nothing to do. Its outputs: {', '.join(outputs)}. To train further, raise --config.run.total_steps")

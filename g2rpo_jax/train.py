@@ -81,10 +81,15 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
                                            tokenizer_dir=tokenizer_dir)
             log(f"wrote a random-init tiny {architecture} checkpoint (vocabulary {model_shape.vocab_size}) to {path}")
         return path
-    if not model_cfg.checkpoint:
+    check_model_source(model_cfg)
+    return model_cfg.checkpoint
+
+
+def check_model_source(model_cfg: ml_collections.ConfigDict) -> None:
+    """A run needs a checkpoint or a random-init model (checked before the run directory exists)."""
+    if not model_cfg.random_init and not model_cfg.checkpoint:
         raise ValueError("model.checkpoint is empty: pass --config.model.checkpoint=/path/to/hf_dir "
                          "(or --config.model.random_init=True for a tiny random model)")
-    return model_cfg.checkpoint
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -263,6 +268,7 @@ def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     sharding_lib.enable_compilation_cache(cfg.mesh.compilation_cache_dir)
     mesh = sharding_lib.make_mesh(dict(cfg.mesh.mesh))
     validate_config(cfg, mesh)
+    check_model_source(cfg.model)  # before the run directory exists: nothing to clean up after it
     run_dir = open_run_dir(cfg, mesh)
     workdir = run_dir[0]
     finished = resume.completed_step(cfg, run_dir[2])
@@ -509,6 +515,7 @@ def check_args(program: str, args: Sequence[str]) -> Optional[str]:
         return command_line.flag_error_message(program, error, argv)
     try:
         validate_config(cfg, mesh=None)
+        check_model_source(cfg.model)
     except ValueError as error:
         return f"{program}: {error}"
     return None

@@ -102,6 +102,7 @@ def test_tpu_launcher_mistakes_name_the_fix(argv, message):
     ("--config.guidance.alpah=0.5", '--config.guidance.alpah: the config has no key \'alpah\'; did you mean "alpha"?'),
     ("--config.step.group_size=0", "step.group_size=0 is not valid; valid: an integer >= 1"),
     ("--config.step.beta=high", "--config.step.beta=high: could not convert string to float: 'high'"),
+    ("--config.model.checkpoint=", "model.checkpoint is empty: pass --config.model.checkpoint="),  # a job would fail
 ])
 def test_launchers_check_the_overrides_as_train_does_before_printing(capsys, override, message):
     from g2rpo_jax import train  # noqa: PLC0415
@@ -129,9 +130,9 @@ def test_missing_arguments_and_tools(capsys, monkeypatch):
         gpu.main(["--nodes", "0", RUN[0]])
     monkeypatch.setenv("PATH", "/nonexistent")  # no gcloud, sbatch, tar or python3: found before anything runs
     with pytest.raises(SystemExit, match=r"not on PATH: gcloud \(the Google Cloud CLI.*\), tar .*--dry_run prints"):
-        tpu.main(["--tpu", "t", "--zone", "z", RUN[0]])
+        tpu.main(["--tpu", "t", "--zone", "z", *RUN[:2]])
     with pytest.raises(SystemExit, match=r"not on PATH: python3 \(to create the venv\), sbatch \(SLURM's client"):
-        gpu.main(["--nodes", "2", RUN[0]])
+        gpu.main(["--nodes", "2", *RUN[:2]])
     assert capsys.readouterr().out == ""  # nothing was run or printed before the error
 
 

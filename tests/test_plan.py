@@ -213,6 +213,11 @@ def test_command_line_prints_a_plan_and_one_line_errors(capsys):
     assert "qwen3-1.7b: 1.72B parameters in bfloat16" in out  # Qwen3-1.7B's published size, tied embeddings
     assert "on 8xh100" in out and "mesh data=1 fsdp=8 tensor=1" in out and "KV cache (32 rows)" in out
     assert "fits" in out
+    # The preset's micro-batch does not split over v5p-32's 16 shards: that target says so, the others plan.
+    assert plan.main(["plan", config, "--model_shape=qwen3-1.7b"]) == 0
+    out = capsys.readouterr().out
+    assert ("on tpu-v5p-32: the configured layout is not valid here" in out and "valid micro_batch_size values "
+            "are [128, 256]" in out and "--search finds a layout that fits" in out and "on tpu-v5p-8 (" in out)
     assert plan.main(["plan", config, "--targets=tpu-v4"]) == 2
     assert capsys.readouterr().err.strip() == (
         "python -m g2rpo_jax.plan: the model's shape is unknown: pass --model_shape (one of ['qwen3-0.6b', "

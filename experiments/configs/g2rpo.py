@@ -169,7 +169,7 @@ def qwen3_code(cfg: ml_collections.ConfigDict) -> None:
 def apply_variant(cfg: ml_collections.ConfigDict, variant: str) -> None:
     variant = {"g2rpo_a": "adaptive"}.get(variant, variant)  # the paper presets' name of the method
     if variant not in VARIANTS:
-        raise ValueError(f"variant {variant!r} is unknown; valid: {VARIANTS}")
+        raise ValueError(f"variant {variant!r} is unknown; valid: {', '.join(VARIANTS)} (g2rpo_a is adaptive)")
     if variant in ("grpo", "clip_higher"):
         cfg.guidance.mode = "none"
         cfg.guidance.alpha = 0.0
