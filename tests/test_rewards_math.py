@@ -12,7 +12,7 @@ import pytest
 
 from g2rpo_jax import rewards
 from g2rpo_jax.rewards import math_answers
-from g2rpo_jax.rewards.math_answers import MathSettings, extract_answer, gold_answer, last_boxed
+from g2rpo_jax.rewards.math_answers import MathSettings, MathTimeout, extract_answer, gold_answer, last_boxed
 from tests.reference.rewards_reference import (ref_interval, ref_last_boxed, ref_numbers_equal,
                                                ref_radical_square, ref_set, ref_weighted_sum)
 
@@ -288,6 +288,28 @@ def test_time_limit_in_the_main_thread_is_counted_as_timeout():
     outcome = rewards.math_outcome(f"\\boxed{{{SLOW_PRED}}}", SLOW_GOLD, settings)
     assert outcome.timeouts == 1 and outcome.value == 0.0
     assert time.monotonic() - started < 1.5
+
+
+def test_time_limit_holds_when_an_alarm_is_swallowed():
+    """An alarm that lands in a garbage-collector callback raises where Python ignores it (seen
+    with JAX's callback during a sympy expansion); the next alarm must still stop the work."""
+    def swallows_the_first_alarm():
+        deadline, swallowed = time.monotonic() + 5, 0
+        while time.monotonic() < deadline:
+            try:
+                while time.monotonic() < deadline:
+                    pass
+            except MathTimeout:
+                swallowed += 1
+                if swallowed > 1:
+                    raise
+        return "finished"
+
+    started = time.monotonic()
+    with pytest.raises(MathTimeout):
+        math_answers._run_with_time_limit(swallows_the_first_alarm, 0.2)
+    assert time.monotonic() - started < 1.0
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
 
 
 def test_time_limit_restores_an_outer_timer():

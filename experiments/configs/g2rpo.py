@@ -266,7 +266,9 @@ def task_code(cfg: ml_collections.ConfigDict) -> None:
 # activations, not parameters, the limit: every model rematerialises its layers and takes one
 # group (8 rollouts) per batch shard per micro-batch. micro_batch_size counts rows over all batch
 # shards; the values below are for 8 devices (8·G rows on 8 shards, or 4·G on 4 for the 8B):
-# on N devices use (batch shards) × 8. Memory plan of issue 16 (g2rpo_jax.plan) pending: ours.
+# on N devices use (batch shards) × 8. `python -m g2rpo_jax.plan --config=...:<preset> --model_shape=
+# qwen3-1.7b --search` says what a target holds and the first layout that fits (README's table: as
+# configured, 8B does not fit a v5p-8's 4 chips; FSDP over the 4 with micro_batch_size=32 does).
 
 def model_qwen3_0_6b(cfg: ml_collections.ConfigDict) -> None:
     """Qwen/Qwen3-0.6B: FSDP over every device, remat, bf16."""

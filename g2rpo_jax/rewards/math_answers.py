@@ -312,11 +312,22 @@ def _compare(gold: str, predicted: str) -> RewardOutcome:
     return RewardOutcome(1.0 if equal else 0.0, detail="" if equal else "different answer")
 
 
+_ALARM_RETRY_S = 0.05  # after the limit, the alarm fires again this often until the work stops
+
+
 def _run_with_time_limit(fn, seconds: float):
     """fn() with an interval timer (main thread only); raises MathTimeout when it overruns.
-    An outer timer (e.g. the caller's own alarm) is restored afterwards."""
+    An outer timer (e.g. the caller's own alarm) is restored afterwards.
+
+    Python ignores an exception raised where nothing can catch it (a garbage-collector callback,
+    such as JAX's, or a __del__), and the alarm can land there while sympy allocates: so each
+    alarm arms the next one, and the time limit still stops the work."""
+    running = [True]
+
     def on_alarm(signum, frame):
-        raise MathTimeout()
+        if running[0]:
+            signal.setitimer(signal.ITIMER_REAL, _ALARM_RETRY_S)
+            raise MathTimeout()
 
     started = time.monotonic()
     previous_handler = signal.signal(signal.SIGALRM, on_alarm)
@@ -324,7 +335,13 @@ def _run_with_time_limit(fn, seconds: float):
     try:
         return fn()
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        while True:  # a retry alarm may still land here: it must not skip the restore
+            try:
+                running[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except MathTimeout:
+                continue
         signal.signal(signal.SIGALRM, previous_handler)
         if previous_delay:
             remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
