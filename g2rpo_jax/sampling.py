@@ -208,13 +208,13 @@ def _join_rows(first, second):
     return jax.tree.map(lambda a, b: a if a.ndim == 0 else jnp.concatenate([a, b]), first, second)
 
 
-def _copy_rows(tree, source: jax.Array, rows_sharding):
-    """Rows `source` [B] of every batch-major leaf of `tree` (scalars are shared), laid out like the
-    batch when a sharding is given."""
+def _take_rows(tree, rows: jax.Array, rows_sharding=None):
+    """Rows `rows` [B] of every batch-major leaf of `tree` (scalars are shared), split over the batch
+    axes of `rows_sharding` (the [B, ...] layout of the batch) when it is given."""
     def take(x):
         if x.ndim == 0:
             return x
-        x = jnp.take(x, source, axis=0)
+        x = jnp.take(x, rows, axis=0)
         if rows_sharding is None:
             return x
         spec = jax.sharding.PartitionSpec(rows_sharding.spec[0], *([None] * (x.ndim - 1)))
@@ -259,7 +259,7 @@ def _prefill(cfg: ModelConfig, params, prefill_tokens, prefill_valid, prefill_gu
     else:
         guide_logps = jnp.zeros((distinct, settings.max_new_tokens), jnp.float32)
     if row_source is not None:
-        cache, first_logits, guide_logps = _copy_rows((cache, first_logits, guide_logps), row_source, rows_sharding)
+        cache, first_logits, guide_logps = _take_rows((cache, first_logits, guide_logps), row_source, rows_sharding)
     batch = guide_tokens.shape[0]
     in_guide = jnp.arange(settings.max_new_tokens)[None, :] < guide_lengths[:, None]
     guide_has_eos = jnp.any(in_guide & settings.is_eos(guide_tokens), axis=1)
@@ -305,14 +305,7 @@ def _resize(state: _LoopState, rows: Optional[jax.Array], *, cache_length: int, 
     state = state.replace(cache=models.grow_cache(cache, cache_length))
     if rows is None:
         return state
-
-    def take(x):
-        if x.ndim == 0:
-            return x
-        x = jnp.take(x, rows, axis=0)
-        return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding_lib.batch_sharding(mesh, x.ndim, rules))
-
-    return jax.tree.map(take, state)
+    return _take_rows(state, rows, None if mesh is None else sharding_lib.batch_sharding(mesh, 2, rules))
 
 
 def batch_sizes(largest: int, multiple: int) -> list[int]:

@@ -42,14 +42,20 @@ from shapes import SHAPES, model_config
 # ----------------------------------------------------------------------------- machine limits
 
 
-def median_and_spread(run, repeats: int) -> tuple[float, float, float]:
-    """(median, min, max) wall seconds of `run()` over `repeats` calls after one warm-up call."""
+def _times(run, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of `run()`, after one warm-up call (compilation)."""
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def median_and_spread(run, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) wall seconds of `run()` over `repeats` calls after one warm-up call."""
+    times = _times(run, repeats)
     return statistics.median(times), min(times), max(times)
 
 
@@ -58,9 +64,7 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     product = jax.jit(jnp.dot)
-    product(a, b).block_until_ready()
-    best = min(_timed(lambda: product(a, b).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
+    return 2 * n**3 / min(_times(lambda: product(a, b).block_until_ready(), repeats))
 
 
 def memory_bandwidth(num_bytes: int, repeats: int = 5) -> float:
@@ -68,15 +72,7 @@ def memory_bandwidth(num_bytes: int, repeats: int = 5) -> float:
     its weights and KV cache (an elementwise copy measured far less on XLA:CPU)."""
     x = jnp.ones((num_bytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
-    return num_bytes / best
-
-
-def _timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    return num_bytes / min(_times(lambda: total(x).block_until_ready(), repeats))
 
 
 # ----------------------------------------------------------------------------- the two workloads
