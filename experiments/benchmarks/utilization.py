@@ -20,8 +20,9 @@ Measures, in the same process and dtype:
     python experiments/benchmarks/utilization.py --model qwen3-1.7b --dtype bfloat16 --rows 64 \
         --prompt-len 256 --new-tokens 512 --micro-batch 16 --remat           # one GPU
 
-The last lines are `train-step MFU: X%` and `decode memory roofline: X%`. Times are the median of
-`--repeats` runs after a warm-up run (compilation excluded); the spread is printed beside them.
+Each figure is printed as soon as it is measured (`train-step MFU: X%`, `decode memory roofline: X%`,
+`guided/unguided time: X`). Times are the median of `--repeats` runs after a warm-up run
+(compilation excluded); the spread is printed beside them.
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ class Shape:
     remat: bool
 
 
+def random_params(cfg: models.ModelConfig, seed: int = 0):
+    """Random parameters with the model's shapes: N(0, 0.02²) matrices, unit norm scales. One small
+    program per distinct shape, since compiling `models.init_params` whole for a 28-layer model took
+    117 s on an H200 (a kernel per layer's initialiser), against seconds for this."""
+    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    normal = jax.jit(lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=(1, 2))
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([jnp.ones(leaf.shape, leaf.dtype) if leaf.ndim == 1 else normal(key, leaf.shape, leaf.dtype)
+                              for key, leaf in zip(keys, leaves)])
+
+
 def random_batch(cfg: models.ModelConfig, shape: Shape, seed: int = 0) -> train_step.RolloutBatch:
     """Full-length rollouts with random tokens and rewards (every group has reward spread)."""
     rs = np.random.RandomState(seed)
@@ -104,7 +117,8 @@ def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
     step_cfg.update(group_size=shape.group_size, beta=0.0, micro_batch_size=shape.micro_batch, remat=shape.remat)
     gcfg = guidance.get_default_config()
     optimizer = optim.make_optimizer(optim.get_default_config())
-    state = train_state.create(params, optimizer, gcfg, jax.random.key(0))
+    # A copy: the step donates its state, and the sampler still needs the parameters.
+    state = train_state.create(jax.tree.map(jnp.copy, params), optimizer, gcfg, jax.random.key(0))
     batch = jax.device_put(random_batch(cfg, shape))
     step = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=True)
     start = time.perf_counter()
@@ -124,26 +138,38 @@ def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
                 xla_flops=float((cost or {}).get("flops", float("nan"))))
 
 
-def time_decode(cfg, params, shape: Shape, repeats: int) -> dict:
+def _sampler_call(cfg, params, shape: Shape):
+    """`run(new_tokens, guided)`: one `sampling.sample` call on fixed random prompts, every row
+    generating all new tokens; guided, a quarter of the rows carry a `shape.guide_len`-token guide."""
     rs = np.random.RandomState(1)
     prompts = rs.randint(2, cfg.vocab_size, (shape.rows, shape.prompt_len)).tolist()
     guides = [list(rs.randint(2, cfg.vocab_size, shape.guide_len)) if i % 4 == 0 else [] for i in range(shape.rows)]
 
-    def run(new_tokens: int, with_guides=None):
-        out = sampling.sample(cfg, params, prompts, with_guides, max_new_tokens=new_tokens, temperature=1.0,
-                              eos_ids=(), rng=jax.random.key(0))
+    def run(new_tokens: int, guided: bool = False):
+        out = sampling.sample(cfg, params, prompts, guides if guided else None, max_new_tokens=new_tokens,
+                              temperature=1.0, eos_ids=(), rng=jax.random.key(0))
         assert int(out.mask.sum()) == shape.rows * new_tokens, "every row must produce all new tokens"
 
+    return run
+
+
+def time_decode(cfg, params, shape: Shape, repeats: int) -> dict:
+    """The times of 1 and of N new tokens, and the decode time between them with its FLOPs and bytes."""
+    run = _sampler_call(cfg, params, shape)
     one = median_and_spread(lambda: run(1), repeats)
     full = median_and_spread(lambda: run(shape.new_tokens), repeats)
-    guided = median_and_spread(lambda: run(shape.new_tokens, guides), repeats)
     steps = shape.new_tokens - 1
     flops = bytes_read = 0.0
     for position in range(shape.prompt_len + 1, shape.prompt_len + shape.new_tokens):
         step_flops, step_bytes = decode_step_cost(cfg, shape.rows, position, jnp.dtype(cfg.dtype).itemsize)
         flops, bytes_read = flops + step_flops, bytes_read + step_bytes
-    return dict(decode=full[0] - one[0], full=full, one=one, guided=guided, steps=steps, flops=flops,
-                bytes=bytes_read)
+    return dict(decode=full[0] - one[0], full=full, one=one, steps=steps, flops=flops, bytes=bytes_read)
+
+
+def time_guided(cfg, params, shape: Shape, repeats: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of N new tokens with a quarter of the rows guided."""
+    run = _sampler_call(cfg, params, shape)
+    return median_and_spread(lambda: run(shape.new_tokens, guided=True), repeats)
 
 
 # ----------------------------------------------------------------------------- report
@@ -158,44 +184,48 @@ def _flop(x: float) -> str:
     return f"{x / 1e12:.3f} T" if x >= 1e12 else f"{x / 1e9:.3f} G"
 
 
-def report(name, cfg, shape, peak, bandwidth, train, decode) -> list[str]:
+def machine_lines(name, cfg, peak, bandwidth) -> list[str]:
     device = jax.devices()[0]
     body, head = matmul_parameters(cfg)
-    lines = [
+    return [
         f"model: {name} {cfg.dtype}, {(body + head) / 1e6:.1f}M matmul parameters; {device.platform} "
         f"({device.device_kind}), {jax.device_count()} device(s), jax {jax.__version__}",
         f"matmul peak: {_flop(peak)}FLOP/s   memory bandwidth: {bandwidth / 1e9:.1f} GB/s",
     ]
-    if train:
-        achieved = train["flops"] / train["median"]
-        tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
-        lines += [
-            f"train step: {shape.rows} rows x ({shape.prompt_len} + {shape.new_tokens}) tokens, micro-batch "
-            f"{shape.micro_batch or shape.rows}, remat {shape.remat}: {_spread((train['median'], train['low'], train['high']))}, "
-            f"compile {train['compile']:.1f} s, {tokens / train['median']:.0f} tokens/s",
-            f"  model FLOPs {_flop(train['flops'])} ({_flop(achieved)}FLOP/s); XLA's cost analysis, which "
-            f"counts a loop body (a micro-batch) once: {_flop(train['xla_flops'])}",
-        ]
-    if decode:
-        decode_s = decode["decode"]
-        memory_floor = decode["bytes"] / bandwidth
-        compute_floor = decode["flops"] / peak
-        new_tokens = shape.rows * shape.new_tokens
-        lines += [
-            f"sampler: {shape.rows} rows x {shape.prompt_len} prompt + {shape.new_tokens} new tokens: "
-            f"{_spread(decode['full'])}, {new_tokens / decode['full'][0]:.0f} tokens/s; 1 new token {_spread(decode['one'])}",
-            f"  decode {decode['steps']} steps: {decode_s:.3f} s ({decode_s / decode['steps'] * 1e3:.2f} ms/step), "
-            f"{decode['bytes'] / decode_s / 1e9:.1f} GB/s read; floor: memory {memory_floor:.3f} s + "
-            f"compute {compute_floor:.3f} s",
-            f"  guided (a quarter of rows with a {shape.guide_len}-token guide): {_spread(decode['guided'])}; "
-            f"guided/unguided time: {decode['guided'][0] / decode['full'][0]:.2f}",
-            f"decode floor share: {(memory_floor + compute_floor) / decode_s:.0%}",
-        ]
-    if train:
-        lines.append(f"train-step MFU: {train['flops'] / train['median'] / peak:.0%}")
-    if decode:
-        lines.append(f"decode memory roofline: {decode['bytes'] / decode['decode'] / bandwidth:.0%}")
-    return lines
+
+
+def train_lines(shape, peak, train) -> list[str]:
+    achieved = train["flops"] / train["median"]
+    tokens = shape.rows * (shape.prompt_len + shape.new_tokens)
+    return [
+        f"train step: {shape.rows} rows x ({shape.prompt_len} + {shape.new_tokens}) tokens, micro-batch "
+        f"{shape.micro_batch or shape.rows}, remat {shape.remat}: {_spread((train['median'], train['low'], train['high']))}, "
+        f"compile {train['compile']:.1f} s, {tokens / train['median']:.0f} tokens/s",
+        f"  model FLOPs {_flop(train['flops'])} ({_flop(achieved)}FLOP/s); XLA's cost analysis, which "
+        f"counts a loop body (a micro-batch) once: {_flop(train['xla_flops'])}",
+        f"train-step MFU: {achieved / peak:.0%}",
+    ]
+
+
+def decode_lines(shape, peak, bandwidth, decode) -> list[str]:
+    decode_s = decode["decode"]
+    memory_floor = decode["bytes"] / bandwidth
+    compute_floor = decode["flops"] / peak
+    new_tokens = shape.rows * shape.new_tokens
+    return [
+        f"sampler: {shape.rows} rows x {shape.prompt_len} prompt + {shape.new_tokens} new tokens: "
+        f"{_spread(decode['full'])}, {new_tokens / decode['full'][0]:.0f} tokens/s; 1 new token {_spread(decode['one'])}",
+        f"  decode {decode['steps']} steps: {decode_s:.3f} s ({decode_s / decode['steps'] * 1e3:.2f} ms/step), "
+        f"{decode['bytes'] / decode_s / 1e9:.1f} GB/s read; floor: memory {memory_floor:.3f} s + "
+        f"compute {compute_floor:.3f} s",
+        f"decode floor share: {(memory_floor + compute_floor) / decode_s:.0%}",
+        f"decode memory roofline: {decode['bytes'] / decode_s / bandwidth:.0%}",
+    ]
+
+
+def guided_lines(shape, decode, guided) -> list[str]:
+    return [f"  guided (a quarter of rows with a {shape.guide_len}-token guide): {_spread(guided)}; "
+            f"guided/unguided time: {guided[0] / decode['full'][0]:.2f}"]
 
 
 def parse_args(argv=None):
@@ -222,7 +252,20 @@ def parse_args(argv=None):
     return args
 
 
+_START = time.perf_counter()
+
+
+def _say(lines: list[str]) -> None:
+    print("\n".join(lines), flush=True)
+
+
+def _progress(what: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.1f} s] {what}", flush=True)
+
+
 def main(argv=None):
+    """Prints each figure as soon as it is measured, so a run stopped at a time limit keeps what it
+    finished: the machine's limits, then the train step, the sampler and the guided sampler."""
     args = parse_args(argv)
     on_gpu = jax.devices()[0].platform == "gpu"
     cfg = model_config(args.model, args.dtype)
@@ -230,10 +273,19 @@ def main(argv=None):
                   args.remat)
     peak = matmul_peak(args.dtype, args.matmul_size or (8192 if on_gpu else 2048))
     bandwidth = memory_bandwidth((args.bandwidth_mib or (2048 if on_gpu else 256)) << 20)
-    params = jax.jit(lambda key: models.init_params(cfg, key))(jax.random.key(0))
-    decode = time_decode(cfg, params, shape, args.repeats) if args.skip != "decode" else None
-    train = time_train_step(cfg, params, shape, args.repeats) if args.skip != "train" else None
-    print("\n".join(report(args.model, cfg, shape, peak, bandwidth, train, decode)), flush=True)
+    _say(machine_lines(args.model, cfg, peak, bandwidth))
+    _progress("machine limits measured")
+    params = random_params(cfg)
+    _progress("random parameters made")
+    if args.skip != "train":
+        _progress("train step: compile, warm-up and repeats")
+        _say(train_lines(shape, peak, time_train_step(cfg, params, shape, args.repeats)))
+    if args.skip != "decode":
+        _progress("sampler: 1 and N new tokens")
+        decode = time_decode(cfg, params, shape, args.repeats)
+        _say(decode_lines(shape, peak, bandwidth, decode))
+        _progress("guided sampler")
+        _say(guided_lines(shape, decode, time_guided(cfg, params, shape, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -122,8 +122,13 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bias: bool = False) -> nn.Dense:
-    return nn.Dense(
+def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bias: bool = False):
+    """A projection [..., E] -> [..., features] applied to the inputs flattened to 2-D.
+
+    Flat, each weight gradient is one [rows, E]ᵀ × [rows, F] matmul. Over [B, T, E] inputs it
+    contracts two axes, and XLA:CPU then writes the incoming gradient transposed first: the MLP's
+    forward and backward took 1.4× as long (experiments/benchmarks/NOTES.md)."""
+    layer = nn.Dense(
         features,
         use_bias=bias,
         dtype=cfg.compute_dtype,
@@ -132,6 +137,7 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bi
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
         name=name,
     )
+    return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
