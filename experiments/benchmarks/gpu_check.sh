@@ -52,7 +52,7 @@ if [ "$DRY" = 1 ]; then
 else
   SHAPE="--dtype bfloat16 --rows 64 --prompt-len 256 --new-tokens 512 --guide-len 128 --micro-batch 16 --repeats 3"
   # The 1.7B shape first: its MFU and decode roofline are the acceptance figures.
-  CASES=("qwen3-1.7b|240|--model qwen3-1.7b $SHAPE" "qwen3-0.6b|200|--model qwen3-0.6b $SHAPE")
+  CASES=("qwen3-1.7b|300|--model qwen3-1.7b $SHAPE" "qwen3-0.6b|150|--model qwen3-0.6b $SHAPE")
 fi
 
 status=0
