@@ -94,6 +94,11 @@ def flag_error_message(program: str, error: BaseException, argv: Sequence[str], 
 HELP_FLAGS = ("-h", "--help", "-help", "-?", "--helpshort", "--helpfull")
 
 
+def wants_help(argv: Sequence[str]) -> bool:
+    """Whether a command line (argv[0] is the program) asks for its help."""
+    return any(arg in HELP_FLAGS for arg in argv[1:])
+
+
 def config_flags_parser(program: str, help_text: str | None = None) -> Callable[[list[str]], list[str]]:
     """A `flags_parser` for `absl.app.run` that exits with status 2 and one line on stderr when the
     flags do not parse, instead of a traceback. With `help_text`, --help (or -h, --helpfull)
@@ -102,7 +107,7 @@ def config_flags_parser(program: str, help_text: str | None = None) -> Callable[
     from absl import flags  # noqa: PLC0415 (absl is only needed by the command lines)
 
     def parse(argv: list[str]) -> list[str]:
-        if help_text is not None and any(arg in HELP_FLAGS for arg in argv[1:]):
+        if help_text is not None and wants_help(argv):
             print(help_text)
             raise SystemExit(0)
         try:

@@ -21,12 +21,16 @@ def matmul_parameters(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.num_layers * (attention + mlp), cfg.hidden_size * cfg.vocab_size
 
 
+def attention_flops(cfg: ModelConfig, context: int) -> int:
+    """FLOPs of one query position's q·k and p·v over `context` keys, all layers and heads."""
+    return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+
+
 def forward_flops(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int) -> float:
     """FLOPs of one forward over rows × (prompt + completion) positions, LM head on completions."""
     body, head = matmul_parameters(cfg)
     seq = prompt_len + completion_len
-    attention_per_token = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq
-    return float(rows) * (seq * (2 * body + attention_per_token) + completion_len * 2 * head)
+    return float(rows) * (seq * (2 * body + attention_flops(cfg, seq)) + completion_len * 2 * head)
 
 
 def train_step_flops(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int, *, num_updates: int = 1,
@@ -42,6 +46,6 @@ def decode_step_cost(cfg: ModelConfig, rows: int, context: int, itemsize: int) -
     """(FLOPs, bytes read) of one decode step of `rows` rows attending over `context` cache slots:
     every matmul weight is read once per step (`itemsize` bytes each), the KV cache once per row."""
     body, head = matmul_parameters(cfg)
-    flops = rows * (2 * (body + head) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context)
+    flops = rows * (2 * (body + head) + attention_flops(cfg, context))
     kv_bytes = rows * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
     return float(flops), float((body + head) * itemsize + kv_bytes)

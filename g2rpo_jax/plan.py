@@ -55,9 +55,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from g2rpo_jax import command_line, models, optim
+from g2rpo_jax import command_line, models, optim, sampling
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax import train_state as train_state_lib
+from g2rpo_jax import train_step as train_step_lib
 from g2rpo_jax.rollout_batch import RolloutBatch, batch_shardings, validate_layout
 
 GIB = 1024**3
@@ -160,9 +161,7 @@ def abstract_mesh(axis_sizes: Mapping[str, int], num_devices: int) -> AbstractMe
 def split(dim: int, logical: str, mesh: AbstractMesh, rules) -> int:
     """How many ways a dimension of size `dim` with logical axis `logical` is split (1 when the
     rule's mesh axes do not divide it: `sharding.logical_to_mesh_spec` replicates it then)."""
-    axes = dict(rules).get(logical)
-    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    ways = math.prod(mesh.shape[name] for name in names)
+    ways = sharding_lib.axis_size(mesh, dict(rules).get(logical))
     return ways if dim % ways == 0 else 1
 
 
@@ -185,8 +184,7 @@ def sharded_bytes(tree, shardings) -> int:
 
 def abstract_batch(batch_rows: int, prompt_tokens: int, completion_tokens: int) -> RolloutBatch:
     """ShapeDtypeStructs of the train step's input."""
-    def field(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype)
+    field = jax.ShapeDtypeStruct
     rows, pair = (batch_rows,), (batch_rows, completion_tokens)
     return RolloutBatch(
         prompt_tokens=field((batch_rows, prompt_tokens), jnp.int32),
@@ -333,13 +331,13 @@ class MemoryPlan:
         return None if self.device_memory is None else self.peak <= self.usable
 
 
-def step_layout(cfg: ml_collections.ConfigDict, mesh: AbstractMesh) -> tuple[int, int, int]:
-    """(B rows, micro-batches, rows of one micro-batch per device), checked like the train step."""
+def step_layout(cfg: ml_collections.ConfigDict, mesh: AbstractMesh) -> tuple[int, int]:
+    """(B rows, rows of one micro-batch per device), checked like the train step."""
     rules = tuple(cfg.mesh.rules)
     batch_rows = cfg.data.batch_size * cfg.step.group_size
     num_micro = validate_layout(batch_rows, cfg.step.group_size, cfg.step.micro_batch_size, mesh, rules)
     shards = sharding_lib.batch_axis_size(mesh, rules)
-    return batch_rows, num_micro, batch_rows // num_micro // shards
+    return batch_rows, batch_rows // num_micro // shards
 
 
 def layer_dims(model_cfg: models.ModelConfig, mesh: AbstractMesh, rules) -> LayerDims:
@@ -361,8 +359,6 @@ def sampler_prefill(cfg: ml_collections.ConfigDict, call_rows: int, shards: int)
     The sampler prefills each distinct prompt + guide once (a group's rollouts share them) over a
     power-of-two bucket of their length, into a cache sized for the first decode phase
     (`sampling.bucket_length`, `sampling.decode_phase_ends`)."""
-    from g2rpo_jax import sampling  # noqa: PLC0415 (only the bucketing rules are needed)
-
     guided = cfg.guidance.mode != "none" and float(cfg.guidance.alpha) > 0
     longest = int(cfg.data.max_prompt_tokens) + (int(cfg.guidance.max_length) if guided else 0)
     prefill_tokens = sampling.bucket_length(longest)
@@ -373,19 +369,18 @@ def sampler_prefill(cfg: ml_collections.ConfigDict, call_rows: int, shards: int)
 
 
 def make_plan(cfg: ml_collections.ConfigDict, model_cfg: models.ModelConfig, mesh: AbstractMesh,
-              device_memory: Optional[int] = None, headroom: float = 0.0,
-              num_problems: Optional[int] = None) -> MemoryPlan:
+              device_memory: Optional[int] = None, headroom: float = 0.0) -> MemoryPlan:
     """The memory plan of training `model_cfg` with config `cfg` on `mesh` (abstract or real);
     `device_memory` (bytes) and `headroom` (the fraction of it kept free) decide `fits`.
 
     Raises ValueError when the batch does not split into the mesh's batch shards and micro-batches
     (the train step's own check, naming the valid micro_batch_size values)."""
     rules = tuple(cfg.mesh.rules)
-    batch_rows, _, micro_rows = step_layout(cfg, mesh)
+    batch_rows, micro_rows = step_layout(cfg, mesh)
     prompt, completion = int(cfg.data.max_prompt_tokens), int(cfg.sampling.max_new_tokens)
     optimizer = optim.make_optimizer(cfg.optim)
-    if cfg.guidance.per_problem and num_problems is None:
-        num_problems = 1  # the per-problem arrays are replicated and small; their size is not planned
+    # The per-problem schedule arrays are replicated and small; their size is not planned.
+    num_problems = 1 if cfg.guidance.per_problem else None
     params, logical_axes = param_shapes(model_cfg)
     state = train_state_lib.abstract_state(params, optimizer, cfg.guidance, num_problems)
     shardings = train_state_lib.state_shardings(state, optimizer, mesh, logical_axes, rules)
@@ -408,7 +403,7 @@ def make_plan(cfg: ml_collections.ConfigDict, model_cfg: models.ModelConfig, mes
         mesh=dict(mesh.shape), batch_rows=batch_rows, micro_rows=micro_rows, prompt_tokens=prompt,
         completion_tokens=completion, remat=remat,
         params=param_bytes,
-        reference=param_bytes if float(cfg.step.beta) != 0.0 else 0,
+        reference=param_bytes if train_step_lib.uses_reference(cfg.step) else 0,
         optimizer=sharded_bytes(state.opt_state, shardings.opt_state),
         other_state=other,
         batch=sharded_bytes(abstract_batch(batch_rows, prompt, completion), batch_shardings(mesh, rules)),
@@ -628,7 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     flag_values = flags.FlagValues()
     defined = _define_flags(flag_values, argv)
-    if any(arg in command_line.HELP_FLAGS for arg in argv[1:]):
+    if command_line.wants_help(argv):
         flag_lines = [f"  --{name}: {flag_values[name].help}" for name in defined if name != "config"]
         print(f"usage: {USAGE}\n\n{__doc__}\nflags:\n  --config: a training config, experiments/configs/"
               "<file>.py:<preset>[,<method>], then --config.<key>=<value> overrides (its presets: python -m "

@@ -125,10 +125,11 @@ def final_export_missing(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
         os.path.exists(os.path.join(final, name)) for name in ("config.json", "tokenizer_config.json"))
 
 
-def complete_message(cfg: ml_collections.ConfigDict, workdir: str, step: int) -> str:
-    """What a re-run of a finished run says: nothing to train, and where its results are."""
+def complete_message(cfg: ml_collections.ConfigDict, workdir: str, step: int, with_export: bool) -> str:
+    """What a re-run of a finished run says: nothing to train, and where its results are
+    (`with_export`: its final_hf/ among them)."""
     outputs = [os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "checkpoints", str(step))]
-    if cfg.run.save_hf_at_end and not final_export_missing(cfg, workdir):
+    if with_export:
         outputs.append(final_hf_dir(workdir))
     return (f"the run in {workdir} is already complete at step {step} (run.total_steps={cfg.run.total_steps}); "
             f"nothing to do. Its outputs: {', '.join(outputs)}. To train further, raise --config.run.total_steps")

@@ -72,7 +72,8 @@ def _mesh_axes_for(logical: str | None, rules: Mapping[str, Any]):
     return rules[logical]
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
+def axis_size(mesh: Mesh, axes) -> int:
+    """How many devices the mesh axis name (or tuple of names, or None) `axes` spans."""
     if axes is None:
         return 1
     names = axes if isinstance(axes, tuple) else (axes,)
@@ -87,7 +88,7 @@ def logical_to_mesh_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mes
     for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
         axes = _mesh_axes_for(name, rules)
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        if not names or dim % _axis_size(mesh, axes) or used & set(names):
+        if not names or dim % axis_size(mesh, axes) or used & set(names):
             spec.append(None)
             continue
         used |= set(names)
@@ -113,7 +114,7 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 def batch_axis_size(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
     """How many ways the leading batch axis is split (1 without a mesh): batches must be a multiple
     of this."""
-    return 1 if mesh is None else _axis_size(mesh, dict(rules)["batch"])
+    return 1 if mesh is None else axis_size(mesh, dict(rules)["batch"])
 
 
 def initialize_distributed(enabled: bool) -> None:

@@ -81,8 +81,10 @@ def resolve_checkpoint(model_cfg: ml_collections.ConfigDict, workdir: str) -> st
                                            tokenizer_dir=tokenizer_dir)
             log(f"wrote a random-init tiny {architecture} checkpoint (vocabulary {model_shape.vocab_size}) to {path}")
         return path
-    check_model_source(model_cfg)
-    return model_cfg.checkpoint
+    return model_cfg.checkpoint  # start_run has checked that there is one
+
+
+CONFIG_REQUIRED = "--config is required, e.g. --config=experiments/configs/g2rpo.py:demo"
 
 
 def check_model_source(model_cfg: ml_collections.ConfigDict) -> None:
@@ -273,7 +275,7 @@ def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     workdir = run_dir[0]
     finished = resume.completed_step(cfg, run_dir[2])
     if finished is not None and not resume.final_export_missing(cfg, workdir):
-        log(resume.complete_message(cfg, workdir, finished))
+        log(resume.complete_message(cfg, workdir, finished, with_export=bool(cfg.run.save_hf_at_end)))
         return None
     log(f"mesh {sharding_lib.describe(mesh)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
     checkpoint = resolve_checkpoint(cfg.model, workdir)
@@ -289,7 +291,7 @@ def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     optimizer = optim.make_optimizer(cfg.optim)
     state, host = load_state(cfg, run_dir, checkpoint, model_cfg, optimizer, mesh, num_problems)
     ref_params = None
-    if cfg.step.beta != 0:
+    if train_step_lib.uses_reference(cfg.step):
         _, ref_params = models.load_hf(cfg.model.reference or checkpoint, dtype=cfg.model.dtype, mesh=mesh,
                                        rules=tuple(cfg.mesh.rules))
     iterator = data.iterator_from_config(cfg.data, prepared)
@@ -418,7 +420,7 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
     if run is None:  # finished earlier, with all its outputs
         return {}
     if run.start_step >= cfg.run.total_steps:  # finished earlier, but its export was never written
-        log(resume.complete_message(cfg, run.workdir, run.start_step))
+        log(resume.complete_message(cfg, run.workdir, run.start_step, with_export=False))
         try:
             log("its Hugging Face export is missing: writing it")
             export_final(run)
@@ -509,7 +511,7 @@ def check_args(program: str, args: Sequence[str]) -> Optional[str]:
         flag_values(argv)
         cfg = flag_values.config
         if cfg is None:
-            return f"{program}: --config is required, e.g. --config=experiments/configs/g2rpo.py:demo"
+            return f"{program}: {CONFIG_REQUIRED}"
         cfg.keys()  # a config file that could not be read is reported on first use
     except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
         return command_line.flag_error_message(program, error, argv)
@@ -543,7 +545,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(command_line.flag_error_message(program, error, argv or sys.argv), file=sys.stderr)
             return 2
         if cfg is None:
-            raise app.UsageError("--config is required, e.g. --config=experiments/configs/g2rpo.py:demo")
+            raise app.UsageError(CONFIG_REQUIRED)
         try:
             train(cfg)
         except StartError as error:  # nothing was done: the message names the key or file and the fix

@@ -192,6 +192,17 @@ def compute_logprobs(
 # ----------------------------------------------------------------------------- the step's settings
 
 
+def uses_reference(step_cfg) -> bool:
+    """beta != 0: the step needs the reference model and runs its forward (the KL term)."""
+    return float(step_cfg.beta) != 0.0
+
+
+def runs_old_policy_forward(step_cfg) -> bool:
+    """The step runs the policy once before its updates: for the old log-probs when μ > 1, and
+    for the high-entropy selection when entropy_top_fraction < 1 (see `fixed_logprobs`)."""
+    return int(step_cfg.num_iterations) > 1 or float(step_cfg.entropy_top_fraction) < 1
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """Everything the step reads from its configs and layout, as Python constants: static under jit.
@@ -215,7 +226,7 @@ class StepPlan:
 
     @property
     def use_kl(self) -> bool:
-        return float(self.step_cfg.beta) != 0.0
+        return uses_reference(self.step_cfg)
 
     def constrain(self, x, spec: PartitionSpec):
         return x if self.mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
@@ -463,14 +474,11 @@ def train_step(plan: StepPlan, state: TrainState, ref_params, batch: RolloutBatc
 
 def model_flops(model_cfg: models.ModelConfig, step_cfg: ml_collections.ConfigDict, batch: RolloutBatch) -> float:
     """Model FLOPs (`g2rpo_jax.flops`) of one step on `batch`'s padded shapes: μ forward + backward
-    passes, the reference forward when beta != 0, the old policy's when μ > 1 or with
-    entropy_top_fraction < 1 (the forwards `fixed_logprobs` runs)."""
+    passes, plus the reference and old-policy forwards the step runs (`fixed_logprobs`)."""
     rows, prompt_len = batch.prompt_tokens.shape
-    num_updates = int(step_cfg.num_iterations)
     return flops.train_step_flops(
-        model_cfg, rows, prompt_len, batch.completion_tokens.shape[1], num_updates=num_updates,
-        reference_forward=float(step_cfg.beta) != 0.0,
-        old_policy_forward=num_updates > 1 or float(step_cfg.entropy_top_fraction) < 1)
+        model_cfg, rows, prompt_len, batch.completion_tokens.shape[1], num_updates=int(step_cfg.num_iterations),
+        reference_forward=uses_reference(step_cfg), old_policy_forward=runs_old_policy_forward(step_cfg))
 
 
 def _check_problem_count(num_problems: Optional[int], gcfg) -> None:

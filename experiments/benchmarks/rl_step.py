@@ -80,6 +80,7 @@ CONFIG_FILE = os.path.join(REPO_ROOT, "experiments", "configs", "g2rpo.py")
 
 VOCAB_SIZE = 32_000
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 31997, 31998, 31999
+KEPT_TOKENS = VOCAB_SIZE - len(SPECIAL_TOKENS)  # the BPE ids kept below them
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
 
 # The configurations' model sizes: experiments/benchmarks/shapes.py's shapes, vocabulary 32,000.
@@ -144,7 +145,7 @@ def build_tokenizer(path: str) -> str:
         spec = json.load(f)
     if spec["model"]["type"] != "BPE":
         raise ValueError(f"expected a BPE tokenizer in {qwen3_tokenizer_dir()}, found {spec['model']['type']}")
-    keep = VOCAB_SIZE - len(SPECIAL_TOKENS)
+    keep = KEPT_TOKENS
     vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < keep}
     if sorted(vocab.values()) != list(range(keep)):
         raise ValueError(f"the Qwen3 vocabulary's ids below {keep} are not contiguous; cannot cut it")
@@ -207,7 +208,7 @@ def write_prompts(directory: str, tokenizer, workload: Workload, count: int, see
 
     settings = data.PromptSettings(template="plain", instruction="")
     words = [token for token, i in tokenizer.get_vocab().items()
-             if i < VOCAB_SIZE - len(SPECIAL_TOKENS) and re.fullmatch("Ġ[a-z]{3,}", token)]
+             if i < KEPT_TOKENS and re.fullmatch("Ġ[a-z]{3,}", token)]
     words = sorted(t.replace("Ġ", " ") for t in words)
     rng = random.Random(seed)
 
@@ -297,6 +298,7 @@ def run_ours(spec: dict) -> dict:
     import numpy as np
 
     from g2rpo_jax import data, rewards, train
+    from g2rpo_jax.plot import read_metrics
 
     cfg = our_config(spec)
 
@@ -308,19 +310,18 @@ def run_ours(spec: dict) -> dict:
 
     rewards.score_batch = trivial_scores  # train.py looks it up at every call
     data.stop_token_ids = lambda tokenizer: ()  # no EOS: every rollout runs to max_new_tokens
-    peak_rss_kib = []
     run_step = train.run_step
+    peak_rss = {}  # after the last step, before the run's final export
 
     def run_step_and_measure(run):
         metrics = run_step(run)
-        peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        peak_rss["kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # a running maximum
         return metrics
 
     train.run_step = run_step_and_measure
     train.train(cfg)
 
-    with open(os.path.join(spec["run_dir"], "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(spec["run_dir"])
     new_tokens = spec["workload"]["new_tokens"]
     lengths = {r["completion/mean_tokens"] for r in records}
     if lengths != {float(new_tokens)}:
@@ -333,7 +334,7 @@ def run_ours(spec: dict) -> dict:
     import flax
     import jaxlib
 
-    return {"steps": steps, "peak_rss_kib": peak_rss_kib[-1], "device": jax.devices()[0].device_kind,
+    return {"steps": steps, "peak_rss_kib": peak_rss["kib"], "device": jax.devices()[0].device_kind,
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}}
 
 
@@ -344,7 +345,7 @@ def run_trl(spec: dict) -> dict:
     """Runs TRL's GRPOTrainer for warmup + steps optimizer steps; returns per-step stage times."""
     import torch
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(len(spec["cpus"]))
     import datasets
     import transformers
     import trl
@@ -410,7 +411,7 @@ def run_trl(spec: dict) -> dict:
         return logps(model, *args, **kwargs)
 
     trainer._get_per_token_logps_and_entropies = logps_timed
-    steps, peak_rss_kib = [], []
+    steps, peak_rss = [], {}
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
@@ -427,7 +428,7 @@ def run_trl(spec: dict) -> dict:
             steps.append({"generation": generation, "rewards": reward,
                           "reference": reference if spec["beta"] else None,
                           "train": step - generation - reward - reference, "step": step})
-            peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            peak_rss["kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # a running maximum
             timers.clear()
             self.last = time.perf_counter()
 
@@ -435,7 +436,7 @@ def run_trl(spec: dict) -> dict:
     trainer.train()
     if len(steps) != total:
         raise RuntimeError(f"TRL ran {len(steps)} optimizer steps, expected {total}")
-    return {"steps": steps, "peak_rss_kib": peak_rss_kib[-1], "device": f"cpu, {torch.get_num_threads()} threads",
+    return {"steps": steps, "peak_rss_kib": peak_rss["kib"], "device": f"cpu, {torch.get_num_threads()} threads",
             "versions": {"torch": torch.__version__, "trl": trl.__version__, "transformers": transformers.__version__}}
 
 
@@ -598,7 +599,7 @@ def run_benchmark(args, configs, workload: Workload, steps: int, cpus: list[int]
             model_dirs[shape] = (path, write_model(path, shape, tokenizer))
         model_dir, n_params = model_dirs[shape]
         spec = {"model_dir": model_dir, "problems": problems, "prompts": prompts, "beta": beta,
-                "workload": dataclasses.asdict(workload), "steps": steps, "warmup": args.warmup, "threads": len(cpus)}
+                "workload": dataclasses.asdict(workload), "steps": steps, "warmup": args.warmup}
         sides = {}
         for side, python in (("ours", sys.executable), ("trl", args.trl_python)):
             if side == "trl" and not peer:

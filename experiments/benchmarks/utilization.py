@@ -153,9 +153,9 @@ def _sampler_call(cfg, params, shape: Shape):
     return run
 
 
-def time_decode(cfg, params, shape: Shape, repeats: int) -> dict:
-    """The times of 1 and of N new tokens, and the decode time between them with its FLOPs and bytes."""
-    run = _sampler_call(cfg, params, shape)
+def time_decode(run, cfg, shape: Shape, repeats: int) -> dict:
+    """The times of 1 and of N new tokens (`run` from `_sampler_call`), and the decode time between
+    them with its FLOPs and bytes."""
     one = median_and_spread(lambda: run(1), repeats)
     full = median_and_spread(lambda: run(shape.new_tokens), repeats)
     steps = shape.new_tokens - 1
@@ -166,9 +166,8 @@ def time_decode(cfg, params, shape: Shape, repeats: int) -> dict:
     return dict(decode=full[0] - one[0], full=full, one=one, steps=steps, flops=flops, bytes=bytes_read)
 
 
-def time_guided(cfg, params, shape: Shape, repeats: int) -> tuple[float, float, float]:
+def time_guided(run, shape: Shape, repeats: int) -> tuple[float, float, float]:
     """(median, min, max) seconds of N new tokens with a quarter of the rows guided."""
-    run = _sampler_call(cfg, params, shape)
     return median_and_spread(lambda: run(shape.new_tokens, guided=True), repeats)
 
 
@@ -282,10 +281,11 @@ def main(argv=None):
         _say(train_lines(shape, peak, time_train_step(cfg, params, shape, args.repeats)))
     if args.skip != "decode":
         _progress("sampler: 1 and N new tokens")
-        decode = time_decode(cfg, params, shape, args.repeats)
+        run = _sampler_call(cfg, params, shape)
+        decode = time_decode(run, cfg, shape, args.repeats)
         _say(decode_lines(shape, peak, bandwidth, decode))
         _progress("guided sampler")
-        _say(guided_lines(shape, decode, time_guided(cfg, params, shape, args.repeats)))
+        _say(guided_lines(shape, decode, time_guided(run, shape, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def _define_flags(argv: Sequence[str]):
         config_flags.DEFINE_config_dict("config", get_default_config(), "the eval config",
                                         flag_values=flag_values, sys_argv=list(argv))
     definers = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float}
-    for name, (kind, help_text) in _SHORTCUT_FLAGS.items():
-        definers[kind](name, None, help_text + " (sets --config." + name + ")", flag_values=flag_values)
+    for name, (kind, text) in _SHORTCUT_FLAGS.items():
+        definers[kind](name, None, text + " (sets --config." + name + ")", flag_values=flag_values)
     return flag_values
 
 
@@ -94,7 +94,7 @@ def parse_command_line(argv: Sequence[str]) -> config_dict.ConfigDict:
     except (KeyError, AttributeError, ValueError, OSError) as error:
         defaults = None if any(a.startswith("--config=") for a in argv) else get_default_config()
         raise SystemExit(command_line.flag_error_message(PROGRAM, error, argv, defaults)) from None
-    if any(arg in command_line.HELP_FLAGS for arg in argv[1:]):
+    if command_line.wants_help(argv):
         print(help_text())
         raise SystemExit(0)
     try:
