@@ -144,15 +144,10 @@ def check_runs(runs: Sequence[Run]) -> str | None:
     the runs start."""
     from g2rpo_jax import train  # noqa: PLC0415 (only needed once there are runs to check)
 
-    previous = os.getcwd()
-    os.chdir(REPO)
-    try:
-        for run in runs:
-            error = train.check_args(PROGRAM, run.train_args)
-            if error:
-                return error
-    finally:
-        os.chdir(previous)
+    for run in runs:
+        error = train.check_args(PROGRAM, run.train_args, root=REPO)
+        if error:
+            return error
     return None
 
 
@@ -173,25 +168,14 @@ def train_in_process(run: Run) -> int:
     """The train command's config parsed as `python -m g2rpo_jax.train` parses it, trained here
     from the repository root like a subprocess run (programs compiled for one run are reused by
     the next; for CPU-sized sweeps and tests)."""
-    from absl import flags  # noqa: PLC0415 (only this mode needs the library)
-    from ml_collections import config_flags  # noqa: PLC0415
+    from g2rpo_jax import command_line, train  # noqa: PLC0415
 
-    from g2rpo_jax import train  # noqa: PLC0415
-
-    argv = ["train", *run.train_args]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config", flag_values=flag_values,
-                                    lock_config=True, sys_argv=argv)
-    previous = os.getcwd()
-    os.chdir(REPO)  # relative paths mean what they mean to the subprocess runs
-    try:
-        flag_values(argv)
-        train.train(flag_values.config)
-    except Exception as error:  # noqa: BLE001 (one failed run must not end the sweep)
-        print(f"[sweep] {run.name} failed: {error!r}", flush=True)
-        return 1
-    finally:
-        os.chdir(previous)
+    with command_line.working_directory(REPO):  # relative paths mean what they mean to subprocess runs
+        try:
+            train.train(command_line.parse_config_args(PROGRAM, run.train_args))
+        except Exception as error:  # noqa: BLE001 (one failed run must not end the sweep)
+            print(f"[sweep] {run.name} failed: {error!r}", flush=True)
+            return 1
     return 0
 
 

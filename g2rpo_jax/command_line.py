@@ -8,11 +8,12 @@ exception into the flag as typed, the cause, and the fix.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from g2rpo_jax.paths import relative_hint
 
@@ -117,6 +118,40 @@ def config_flags_parser(program: str, help_text: str | None = None) -> Callable[
             raise SystemExit(2) from None
 
     return parse
+
+
+def parse_config_args(program: str, args: Sequence[str]):
+    """The config of `--config=FILE[:ARG] [--config.KEY=VALUE ...]` parsed as the train command
+    parses it (locked, overrides type-checked), or None without --config; relative paths are taken
+    from the working directory. Raises ValueError with `flag_error_message`'s one line for a bad
+    file, preset, key or value."""
+    from absl import flags  # noqa: PLC0415 (absl is only needed by the command lines)
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    argv = [program, *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "the training config", flag_values=flag_values,
+                                    lock_config=True, sys_argv=argv)
+    try:
+        flag_values(argv)
+        config = flag_values.config
+        if config is not None:
+            config.keys()  # ml_collections reports a config file it could not read on first use
+    except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
+        raise ValueError(flag_error_message(program, error, argv)) from None
+    return config
+
+
+@contextlib.contextmanager
+def working_directory(path: str) -> Iterator[None]:
+    """Runs the block from `path` (where a run's relative paths are meant), then returns to the
+    previous working directory."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def config_lines(config, indent: str = "  ") -> list[str]:

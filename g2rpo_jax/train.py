@@ -494,32 +494,25 @@ def train(cfg: ml_collections.ConfigDict) -> dict:
         return finish(run, metrics, stopped_by, too_many_nonfinite)
 
 
-def check_args(program: str, args: Sequence[str]) -> Optional[str]:
+def check_args(program: str, args: Sequence[str], root: Optional[str] = None) -> Optional[str]:
     """The one-line error this command line stops with at start-up for `args` (--config=FILE[:ARG]
     and --config.KEY=VALUE) when their config file, a key or a value is wrong, as `program: ...`;
     None when they pass. For tools that print or launch train commands (experiments/sweep.py,
-    launch/): relative paths are taken from the working directory, and the checks that need the
-    run's devices, model or data (batch shards of its mesh, positions, data files) are left to it."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = [program, *args]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "the training config", flag_values=flag_values,
-                                    lock_config=True, sys_argv=argv)
-    try:
-        flag_values(argv)
-        cfg = flag_values.config
+    launch/): relative paths are taken from `root` (default: the working directory), and the checks
+    that need the run's devices, model or data (batch shards of its mesh, positions, data files)
+    are left to the run."""
+    with command_line.working_directory(root or os.getcwd()):
+        try:
+            cfg = command_line.parse_config_args(program, args)
+        except ValueError as error:
+            return str(error)
         if cfg is None:
             return f"{program}: {CONFIG_REQUIRED}"
-        cfg.keys()  # a config file that could not be read is reported on first use
-    except (flags.Error, KeyError, AttributeError, ValueError, OSError) as error:
-        return command_line.flag_error_message(program, error, argv)
-    try:
-        validate_config(cfg, mesh=None)
-        check_model_source(cfg.model)
-    except ValueError as error:
-        return f"{program}: {error}"
+        try:
+            validate_config(cfg, mesh=None)
+            check_model_source(cfg.model)
+        except ValueError as error:
+            return f"{program}: {error}"
     return None
 
 

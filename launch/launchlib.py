@@ -91,12 +91,7 @@ def check_train_config(launcher: str, config: str, overrides: Sequence[str]) -> 
         print(f"{launcher}: note: the config and its overrides were not checked here ({error}); the train "
               "command checks them when it starts", file=sys.stderr)
         return
-    previous = os.getcwd()
-    os.chdir(REPO)
-    try:
-        error = train.check_args(launcher, [f"--config={config}", *overrides])
-    finally:
-        os.chdir(previous)
+    error = train.check_args(launcher, [f"--config={config}", *overrides], root=REPO)
     if error:
         raise LaunchError(launcher, error.removeprefix(f"{launcher}: "))
 

@@ -180,20 +180,7 @@ def write_model(path: str, shape: str, tokenizer) -> int:
 
     cfg = shapes.model_config(MODEL_SHAPES[shape], vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
-    # The project's initialisation (normal(0, 0.02) weights, unit norm scales, zero biases), drawn
-    # with numpy on the shapes of `init_params`: tracing and compiling Flax's init takes longer.
-    rng = np.random.default_rng(0)
-    abstract = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "'scale'" in name:
-            return np.ones(leaf.shape, np.float32)
-        if "'bias'" in name:
-            return np.zeros(leaf.shape, np.float32)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    params = jax.tree_util.tree_map_with_path(draw, abstract)
+    params = shapes.random_params(cfg)
     models.save_hf(path, cfg, params)
     tokenizer.save_pretrained(path)
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))

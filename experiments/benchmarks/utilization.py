@@ -38,7 +38,7 @@ import numpy as np
 
 from g2rpo_jax import guidance, models, optim, sampling, train_state, train_step
 from g2rpo_jax.flops import decode_step_cost, matmul_parameters, train_step_flops
-from shapes import SHAPES, model_config
+from shapes import SHAPES, model_config, random_params
 
 # ----------------------------------------------------------------------------- machine limits
 
@@ -88,18 +88,6 @@ class Shape:
     guide_len: int
     micro_batch: int
     remat: bool
-
-
-def random_params(cfg: models.ModelConfig, seed: int = 0):
-    """Random parameters with the model's shapes: N(0, 0.02²) matrices, unit norm scales. One small
-    program per distinct shape, since compiling `models.init_params` whole for a 28-layer model took
-    117 s on an H200 (a kernel per layer's initialiser), against seconds for this."""
-    shapes = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
-    normal = jax.jit(lambda key, shape, dtype: 0.02 * jax.random.normal(key, shape, dtype), static_argnums=(1, 2))
-    leaves, treedef = jax.tree.flatten(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([jnp.ones(leaf.shape, leaf.dtype) if leaf.ndim == 1 else normal(key, leaf.shape, leaf.dtype)
-                              for key, leaf in zip(keys, leaves)])
 
 
 def random_batch(cfg: models.ModelConfig, shape: Shape, seed: int = 0) -> train_step.RolloutBatch:
