@@ -31,7 +31,7 @@ train state) plus its batch, gradients, activations and one log-prob chunk; a ro
 the resident state plus the KV cache and the prefill's attention. The plan's peak is the larger
 of the two. A plan fits when its peak leaves `--headroom` (10%) of the device free: XLA packs its
 temporaries with holes between them and runtimes reserve memory (XLA:TPU reports both when it runs
-out), and JAX on GPU preallocates only 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised (.95).
+out), and JAX on GPU preallocates only 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised (e.g. .9).
 `--search` finds the first layout that fits: FSDP over every device times the smallest tensor
 axis, then the largest micro-batch.
 
