@@ -60,7 +60,7 @@ def test_paper_values_and_what_each_method_changes():
     assert (cfg.optim.learning_rate, cfg.optim.min_learning_rate, cfg.optim.warmup_steps) == (1e-5, 1e-6, 25)
     assert (cfg.step.temperature, cfg.step.beta, cfg.step.num_iterations, cfg.step.remat) == (0.7, 0.04, 1, True)
     assert (cfg.data.adapter, cfg.data.max_prompt_tokens, cfg.sampling.max_new_tokens) == ("openr1_math", 512, 4096)
-    assert dict(cfg.rewards.weights) == {"accuracy": 1.0, "format": 0.1}
+    assert dict(cfg.rewards.weights) == {"accuracy": 1.0, "format": 0.1, "custom": 1.0}
     assert (cfg.guidance.mode, cfg.guidance.initial_length, cfg.guidance.max_length) == ("adaptive", 3072, 3072)
     assert (cfg.guidance.window, cfg.guidance.delta, cfg.guidance.alpha) == (3, 256, 0.25)
     grpo, mu2, clip = (configs.get_config(f"qwen3_1_7b_math,{m}") for m in ("grpo", "grpo_mu2", "clip_higher"))

@@ -405,7 +405,8 @@ def test_default_config_round_trips_to_settings():
     config.code.memory_mb = 512
     settings = rewards.settings_from_config(config)
     assert settings.math.timeout_s == 2.5
-    assert settings.weights == {"accuracy": 1.0, "format": 0.25}
+    assert settings.weights == {"accuracy": 1.0, "format": 0.25, "custom": 1.0}
+    assert settings.custom == ""  # no reward of the user's unless rewards.custom names one
     assert settings.code_limits.memory_mb == 512
     assert settings.code_limits.timeout_s == rewards.SandboxLimits().timeout_s
 

@@ -12,6 +12,7 @@ import pytest
 
 from g2rpo_jax import data, models, resume, rewards, rollout, run_logging, train, train_state
 from tests.reference import grpo_numpy
+from tests.reference.rewards_reference import ref_digit_credit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +56,16 @@ def read_rollout_records(workdir):
         return [json.loads(line) for line in f]
 
 
+def with_digit_credit(cfg):
+    """The example reward of one's own (experiments/custom_reward.py) added with weight 0.2."""
+    cfg.rewards.custom = os.path.join(REPO, "experiments", "custom_reward.py") + ":digit_credit"
+    cfg.rewards.weights.custom = CUSTOM_WEIGHT
+    return cfg
+
+
+CUSTOM_WEIGHT = 0.2
+
+
 def test_demo_runs_resumes_and_exports(tmp_path, capsys, monkeypatch):
     sampled = []  # each step's Rollouts, in step order, to hold rollouts.jsonl against
     real_collect = rollout.RolloutCollector.collect
@@ -66,19 +77,22 @@ def test_demo_runs_resumes_and_exports(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rollout.RolloutCollector, "collect", recording_collect)
     workdir = tmp_path / "run"
-    train.train(demo_config(workdir, total_steps=2))
+    train.train(with_digit_credit(demo_config(workdir, total_steps=2)))
     first = read_metrics(workdir)
     assert [m["step"] for m in first] == [1, 2]
     for m in first:
         assert m["guidance/guided_rollout_share"] == 0.5  # one of the two rollouts in each group
         # A guide of ℓ >= the worked solution holds the boxed answer: guided rollouts score.
         assert m["guidance/reward_guided"] == 1.0
+        # The total adds the user's reward (format's weight is 0 on the demo preset).
+        assert m["reward/total"] == pytest.approx(m["reward/accuracy"] + CUSTOM_WEIGHT * m["reward/custom"], abs=1e-6)
+        assert m["reward/custom"] >= 0.5 * m["reward/accuracy"] > 0  # guided rollouts hold the whole boxed answer
         assert np.isfinite(m["loss"])
         assert m["time/train_step_s"] > 0 and m["throughput/sample_tokens_per_s"] > 0
         assert m["throughput/train_tokens_per_s_per_device"] == pytest.approx(m["throughput/train_tokens_per_s"] / 8)
     assert first[0]["guidance/length"] == 64 and first[1]["guidance/length"] == 68  # ℓ adapts
 
-    train.train(demo_config(workdir, total_steps=3))  # resumes at step 2
+    train.train(with_digit_credit(demo_config(workdir, total_steps=3)))  # resumes at step 2
     resumed = read_metrics(workdir)
     assert [m["step"] for m in resumed] == [1, 2, 3]
 
@@ -114,6 +128,9 @@ def test_demo_runs_resumes_and_exports(tmp_path, capsys, monkeypatch):
         first_term, second_term = re.search(r"(\d+)\+(\d+)=", record["prompt"]).groups()
         assert record["answer"] == str(int(first_term) + int(second_term))  # the group's gold answer
         assert record["reward"] == rollouts.rewards[i] and record["rewards"]["accuracy"] == rollouts.accuracy[i]
+        credit = ref_digit_credit(rollouts.texts[i], record["answer"])
+        assert record["rewards"]["custom"] == pytest.approx(credit, abs=1e-6)
+        assert record["reward"] == pytest.approx(record["rewards"]["accuracy"] + CUSTOM_WEIGHT * credit, abs=1e-6)
         expected = grpo_numpy.group_advantages_ref(rollouts.rewards, 2)[i]  # scale 'group', eps 1e-4
         assert record["advantage"] == pytest.approx(expected, abs=1e-6)
         spread = float(rollouts.rewards[group].max() - rollouts.rewards[group].min())

@@ -6,6 +6,7 @@
     with rewards.RewardPool(2) as pool:
         rewards_, per_kind, stats = rewards.score_batch(completions, examples, weights, pool)
     rewards.sandbox_protections()                                    # what isolation is active
+    RewardSettings(custom="my_lab.rewards:brevity")                  # a reward of one's own (custom.py)
 """
 
 from g2rpo_jax.rewards.code_tests import code_outcome, code_reward, extract_program

@@ -8,16 +8,18 @@ from typing import Mapping
 import ml_collections
 
 from g2rpo_jax.rewards.code_tests import EXTRACT_MODES, validate_tolerance
+from g2rpo_jax.rewards.custom import load_reward_function
 from g2rpo_jax.rewards.math_answers import ANSWER_SOURCES, MathSettings
 from g2rpo_jax.rewards.sandbox import SandboxLimits
 
-REWARD_NAMES = ("accuracy", "format")  # accuracy: math_reward or code_reward, by example
+# accuracy: math_reward or code_reward, by example; custom: the function `rewards.custom` names, when set
+REWARD_NAMES = ("accuracy", "format", "custom")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardSettings:
     weights: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"accuracy": 1.0, "format": 0.0})
+        default_factory=lambda: {"accuracy": 1.0, "format": 0.0, "custom": 1.0})
     num_workers: int = 2
     math: MathSettings = MathSettings()
     code_extract: str = "last_block"  # last_block | whole
@@ -26,6 +28,7 @@ class RewardSettings:
     code_abs_tol: float = 0.0
     code_rel_tol: float = 0.0
     require_think: bool = False
+    custom: str = ""  # 'package.module:function' or 'path/to/file.py:function'; '' = none (custom.py)
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -33,7 +36,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     math = MathSettings()
     code = SandboxLimits()
     config = ml_collections.ConfigDict()
-    config.weights = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.0})
+    # custom's weight applies only when `custom` names a function
+    config.weights = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.0, "custom": 1.0})
     config.num_workers = 2  # reward processes; 0 scores in the calling process
     config.math = ml_collections.ConfigDict({
         "answer_sources": tuple(ANSWER_SOURCES),  # boxed, then fallbacks: gsm8k, answer_is
@@ -44,6 +48,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     config.code = ml_collections.ConfigDict(
         {"extract": "last_block", "abs_tol": 0.0, "rel_tol": 0.0, **dataclasses.asdict(code)})
     config.format = ml_collections.ConfigDict({"require_think": False})
+    config.custom = ""  # your reward, added to the total: 'package.module:function' or 'path/to/file.py:function'
     return config
 
 
@@ -73,6 +78,9 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
     unknown = sorted(set(code) - fields)
     if unknown:
         raise ValueError(f"rewards.code has unknown keys {unknown}; valid: {sorted(fields)}")
+    custom = str(config.custom)
+    if custom:
+        load_reward_function(custom)  # a wrong name stops the run before it starts
     num_workers = int(config.num_workers)
     if num_workers < 0:
         raise ValueError(f"rewards.num_workers={num_workers!r}; must be >= 0")
@@ -80,4 +88,4 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
                           num_workers=num_workers, math=math, code_extract=extract,
                           code_limits=SandboxLimits(**code).validate(),
                           code_abs_tol=abs_tol, code_rel_tol=rel_tol,
-                          require_think=bool(config.format.require_think))
+                          require_think=bool(config.format.require_think), custom=custom)

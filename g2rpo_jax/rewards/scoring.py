@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from g2rpo_jax.rewards.code_tests import JobResult, build_jobs, combine, extract_program, run_job
-from g2rpo_jax.rewards.config import REWARD_NAMES, RewardSettings, validate_weights
+from g2rpo_jax.rewards.config import RewardSettings, validate_weights
+from g2rpo_jax.rewards.custom import custom_rewards
 from g2rpo_jax.rewards.formatting import format_reward
 from g2rpo_jax.rewards.math_answers import math_outcome
 from g2rpo_jax.rewards.outcome import STAT_KEYS, RewardOutcome
@@ -95,7 +96,8 @@ def score_batch(completions: Sequence[str], examples: Sequence[Any],
     """Weighted rewards of a batch. Examples are dicts or records with `answer` or `tests`.
 
     Returns rewards [N] (sum over names of weights[name] * per_kind[name]), per_kind
-    {"accuracy": [N], "format": [N]} and stats {"parse_failures", "timeouts", "sandbox_errors",
+    {"accuracy": [N], "format": [N]} (plus "custom": [N] when `settings.custom` names a function,
+    see rewards/custom.py) and stats {"parse_failures", "timeouts", "sandbox_errors",
     "executions"} (to be logged per step). `weights` overrides `settings.weights`; pool=None
     scores in this process, one completion after another.
     """
@@ -106,8 +108,9 @@ def score_batch(completions: Sequence[str], examples: Sequence[Any],
     formats = np.array([format_reward(c, example_kind(e), require_think=settings.require_think)
                         for c, e in zip(completions, examples)], dtype=np.float32)  # [N]
     per_kind = {"accuracy": accuracy, "format": formats}
-    assert tuple(per_kind) == REWARD_NAMES
-    rewards = sum(weights[name] * per_kind[name] for name in REWARD_NAMES).astype(np.float32)
+    if settings.custom:
+        per_kind["custom"] = custom_rewards(settings.custom, completions, examples)
+    rewards = sum(weights[name] * values for name, values in per_kind.items()).astype(np.float32)
     stats = {key: sum(o.counts()[key] for o in outcomes) for key in STAT_KEYS}
     if stats["sandbox_errors"]:
         details = sorted({o.detail for o in outcomes if o.sandbox_errors})[:3]

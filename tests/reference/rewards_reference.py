@@ -135,3 +135,18 @@ def ref_weighted_sum(per_kind: dict, weights: dict, n: int) -> list[float]:
         for i in range(n):
             totals[i] += float(weights.get(name, 0.0)) * float(values[i])
     return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/custom_reward.py's example reward.
+
+
+def ref_digit_credit(text: str, answer: str) -> float:
+    """Partial credit of the last \\boxed{...} against `answer`: both right-aligned with distinct
+    padding, the share of equal places (0 without a boxed answer)."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if not boxed:
+        return 0.0
+    given = boxed[-1].strip()
+    width = max(len(given), len(answer))
+    return sum(x == y for x, y in zip(given.rjust(width, "#"), answer.rjust(width, "@"))) / width
