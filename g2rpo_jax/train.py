@@ -188,7 +188,8 @@ def open_run_dir(cfg: ml_collections.ConfigDict, mesh) -> tuple[str, dict, objec
 
 def check_data(cfg: ml_collections.ConfigDict, prepared: data.PreparedPrompts, model_cfg, checkpoint: str) -> None:
     """The data must hold what the method trains on (reference trajectories for guidance and SFT),
-    and its rollouts must fit the model's positions."""
+    its rollouts must fit the model's positions, and a reward function of the user's must score
+    two of its examples (their reference trajectories as completions) before the model loads."""
     needed, how = rollout.positions_needed(prepared.prompt_ids, cfg.guidance, cfg.sampling)
     if needed > model_cfg.max_position_embeddings:
         raise ValueError(f"{how} = {needed} positions, more than the model's max_position_embeddings="
@@ -200,6 +201,9 @@ def check_data(cfg: ml_collections.ConfigDict, prepared: data.PreparedPrompts, m
     if cfg.step.loss_type == "sft" and not (prepared.trajectory_ids and all(prepared.trajectory_ids)):
         raise ValueError(f"step.loss_type='sft' trains on reference trajectories, but some of the "
                          f"{cfg.data.adapter!r} data has none; use data with a trajectory for every problem")
+    if cfg.rewards.custom:
+        sample = list(prepared.examples[:2])
+        rewards.custom_rewards(cfg.rewards.custom, [example.trajectory for example in sample], sample)
 
 
 def load_state(cfg, run_dir: tuple[str, dict, object], checkpoint: str, model_cfg, optimizer, mesh,

@@ -61,7 +61,8 @@ def test_a_module_on_the_path_is_named_by_its_dotted_name(tmp_path, monkeypatch)
     ("experiments/no_such_file.py:f", "no file 'experiments/no_such_file.py'"),
     ("no_such_module_for_rewards:f", "module 'no_such_module_for_rewards' could not be imported"),
     (f"{EXAMPLE_REWARD}:digit_credits", "has no function 'digit_credits'"),
-    (f"{EXAMPLE_REWARD}:BOXED", "has no function 'BOXED'"),
+    (f"{EXAMPLE_REWARD}:BOXED", "custom_reward.py.BOXED is a Pattern, not a function"),
+    ("textwrap:dedent", "dedent(text) cannot be called as dedent(completions, examples)"),
 ])
 def test_a_wrong_name_stops_at_the_config_naming_the_spec(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)) as error:
@@ -72,10 +73,28 @@ def test_a_wrong_name_stops_at_the_config_naming_the_spec(spec, message):
 @pytest.mark.parametrize("returned, message", [
     ("[1.0]", "returned shape (1,) for 2 completions"),
     ("[1.0, float('nan')]", "returned nan for completion 1"),
-    ("['high', 'low']", "returned list, not numbers"),
+    ("['0.5', '1']", "returned <U3 values, not numbers"),
+    ("[[1.0], [1.0, 2.0]]", "returned object values, not numbers"),
+    ("None", "returned None (a missing return?)"),
+    ("examples[0].metadata['difficulty']", "raised KeyError: 'difficulty'"),
 ])
 def test_a_function_that_does_not_return_one_finite_number_per_completion_is_refused(tmp_path, returned, message):
     path = tmp_path / "bad_reward.py"
     path.write_text(f"def bad(completions, examples):\n    return {returned}\n")
     with pytest.raises(ValueError, match=re.escape(message)):
         rewards.score_batch(["a", "b"], [addition(0, "1"), addition(1, "2")], settings=settings_with(f"{path}:bad"))
+
+
+def test_a_weight_without_a_function_is_refused():
+    with pytest.raises(ValueError, match=re.escape("rewards.weights.custom=0.5 has no effect: rewards.custom names no "
+                                                   "function")):
+        settings_with("", weight=0.5)
+
+
+def test_evaluation_lists_each_reward_per_completion():
+    from g2rpo_jax.eval import generation
+
+    settings = settings_with(f"{EXAMPLE_REWARD}:digit_credit", weight=0.2)
+    total, accuracy, details, _ = generation.score_rows(["so \\boxed{5214}"], [addition(0, "5241")], settings, None)
+    assert accuracy.tolist() == [0.0] and details[0]["custom"] == 0.5 and details[0]["gold_answer"] == "5241"
+    assert total.tolist() == pytest.approx([0.2 * 0.5])  # format's weight is 0 by default

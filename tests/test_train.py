@@ -233,6 +233,14 @@ def test_a_config_error_is_found_before_any_work_and_saves_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"run.rollout_samples=-1 is not valid; valid: an integer >= 0"):
         train.train(cfg)
     assert not os.path.exists(workdir)
+    # A reward function of the user's that fails on the data is called on two examples at start.
+    reward_file = tmp_path / "needs_difficulty.py"
+    reward_file.write_text("def score(completions, examples):\n    return [e.metadata['difficulty'] for e in examples]\n")
+    cfg = demo_config(workdir, total_steps=2)
+    cfg.rewards.custom = f"{reward_file}:score"
+    with pytest.raises(train.StartError, match=r"rewards.custom=.*:score' raised KeyError: 'difficulty'"):
+        train.train(cfg)
+    assert sorted(os.listdir(workdir)) == ["random_init_model"]  # the preset's model, written first; no state
 
 
 def test_checkpoints_of_the_earlier_layout_are_refused_at_start(tmp_path):

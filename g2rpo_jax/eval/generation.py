@@ -78,11 +78,12 @@ def external_generations(completions_fn: Callable, examples: Sequence[data.Examp
     return [[Generation(str(text), None, "external") for text in texts] for texts in produced]
 
 
-def _reward_details(completion: str, example: data.Example, accuracy: float, format_score: float,
+def _reward_details(completion: str, example: data.Example, scores: dict[str, float],
                     settings: rewards.RewardSettings) -> dict[str, Any]:
-    """What a reader of generations.jsonl needs to audit a score: the extracted answer and the
-    gold one (math), or whether a program was found (code)."""
-    details: dict[str, Any] = {"accuracy": float(accuracy), "format": float(format_score)}
+    """What a reader of generations.jsonl needs to audit a score: each reward before weighting
+    (accuracy, format, and custom when `rewards.custom` is set), the extracted answer and the gold
+    one (math), or whether a program was found (code)."""
+    details: dict[str, Any] = dict(scores)
     if example.is_code:
         program = rewards.extract_program(completion, settings.code_extract)
         details["has_program"] = program is not None
@@ -98,6 +99,6 @@ def score_rows(completions: Sequence[str], examples: Sequence[data.Example],
     when pool is None). Returns (rewards [N], accuracies [N], details per row, event counts)."""
     reward, per_kind, stats = rewards.score_batch(list(completions), list(examples), pool=pool,
                                                   settings=settings)
-    details = [_reward_details(c, e, a, f, settings) for c, e, a, f
-               in zip(completions, examples, per_kind["accuracy"], per_kind["format"])]
+    details = [_reward_details(c, e, {name: float(values[i]) for name, values in per_kind.items()}, settings)
+               for i, (c, e) in enumerate(zip(completions, examples))]
     return reward, per_kind["accuracy"], details, stats

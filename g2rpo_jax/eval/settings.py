@@ -95,7 +95,8 @@ class EvalSettings:
         return dict(num_samples=self.num_samples, pass_k=list(pass_k), batch_size=self.batch_size,
                     limit=self.limit, seed=self.seed, **self.sampler_options(), template=prompt.template,
                     system=prompt.system, instruction=prompt.instruction, enable_thinking=prompt.enable_thinking,
-                    max_prompt_tokens=prompt.max_prompt_tokens, overlong=prompt.overlong, model=model)
+                    max_prompt_tokens=prompt.max_prompt_tokens, overlong=prompt.overlong, model=model,
+                    reward_weights=dict(self.rewards.weights), reward_custom=self.rewards.custom)
 
 
 def get_default_config() -> config_dict.ConfigDict:

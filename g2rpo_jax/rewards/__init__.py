@@ -12,6 +12,7 @@
 from g2rpo_jax.rewards.code_tests import code_outcome, code_reward, extract_program
 from g2rpo_jax.rewards.config import (REWARD_NAMES, RewardSettings, get_default_config,
                                       settings_from_config)
+from g2rpo_jax.rewards.custom import custom_rewards, load_reward_function
 from g2rpo_jax.rewards.formatting import format_reward
 from g2rpo_jax.rewards.math_answers import (MathSettings, extract_answer, math_outcome,
                                             math_reward)
@@ -22,7 +23,7 @@ from g2rpo_jax.rewards.scoring import score_batch
 
 __all__ = [
     "REWARD_NAMES", "MathSettings", "RewardOutcome", "RewardPool", "RewardSettings",
-    "SandboxLimits", "code_outcome", "code_reward", "extract_answer", "extract_program",
-    "format_reward", "get_default_config", "math_outcome", "math_reward", "run_python",
+    "SandboxLimits", "code_outcome", "code_reward", "custom_rewards", "extract_answer", "extract_program",
+    "format_reward", "get_default_config", "load_reward_function", "math_outcome", "math_reward", "run_python",
     "sandbox_protections", "score_batch", "settings_from_config",
 ]

@@ -36,7 +36,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     math = MathSettings()
     code = SandboxLimits()
     config = ml_collections.ConfigDict()
-    # custom's weight applies only when `custom` names a function
+    # custom's weight applies only when `custom` names a function (another value without one is refused)
     config.weights = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.0, "custom": 1.0})
     config.num_workers = 2  # reward processes; 0 scores in the calling process
     config.math = ml_collections.ConfigDict({
@@ -79,12 +79,16 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RewardSettings:
     if unknown:
         raise ValueError(f"rewards.code has unknown keys {unknown}; valid: {sorted(fields)}")
     custom = str(config.custom)
+    weights = validate_weights(dict(config.weights))
     if custom:
         load_reward_function(custom)  # a wrong name stops the run before it starts
+    elif weights["custom"] != 1.0:
+        raise ValueError(f"rewards.weights.custom={weights['custom']} has no effect: rewards.custom names no "
+                         "function; set --config.rewards.custom=package.module:function (or path/to/file.py:function)")
     num_workers = int(config.num_workers)
     if num_workers < 0:
         raise ValueError(f"rewards.num_workers={num_workers!r}; must be >= 0")
-    return RewardSettings(weights=validate_weights(dict(config.weights)),
+    return RewardSettings(weights=weights,
                           num_workers=num_workers, math=math, code_extract=extract,
                           code_limits=SandboxLimits(**code).validate(),
                           code_abs_tol=abs_tol, code_rel_tol=rel_tol,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -45,22 +46,44 @@ def load_reward_function(spec: str) -> Callable[[list[str], list[Any]], Sequence
         try:
             module = importlib.import_module(target)
         except ImportError as error:
-            raise ValueError(f"rewards.custom={spec!r}: module {target!r} could not be imported ({error}); "
-                             f"give {SPEC_FORM}") from error
-    function = getattr(module, name, None)
-    if not callable(function):
+            raise ValueError(f"rewards.custom={spec!r}: module {target!r} could not be imported ({error}; is "
+                             f"its folder on PYTHONPATH?); give {SPEC_FORM}") from error
+    if not hasattr(module, name):
         raise ValueError(f"rewards.custom={spec!r}: {target!r} has no function {name!r}")
+    function = getattr(module, name)
+    if not callable(function):
+        raise ValueError(f"rewards.custom={spec!r}: {target}.{name} is a {type(function).__name__}, not a function")
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have none: the first call decides
+        return function
+    try:
+        signature.bind([], [])
+    except TypeError:
+        raise ValueError(f"rewards.custom={spec!r}: {name}{signature} cannot be called as "
+                         f"{name}(completions, examples)") from None
     return function
 
 
 def custom_rewards(spec: str, completions: Sequence[str], examples: Sequence[Any]) -> np.ndarray:
-    """float32 [N]: the function `spec` names applied to the batch. Raises ValueError when it does
-    not return one finite number per completion."""
-    values = load_reward_function(spec)(list(completions), list(examples))
+    """float32 [N]: the function `spec` names applied to the batch. Raises ValueError naming the spec
+    when the function raises, or does not return one finite number per completion."""
+    function = load_reward_function(spec)
     try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"rewards.custom={spec!r} returned {type(values).__name__}, not numbers: {error}") from None
+        values = function(list(completions), list(examples))
+    except Exception as error:  # noqa: BLE001 (the user's code: say whose it is, keep its traceback)
+        raise ValueError(f"rewards.custom={spec!r} raised {type(error).__name__}: {error}") from error
+    if values is None:
+        raise ValueError(f"rewards.custom={spec!r} returned None (a missing return?); it must return one number "
+                         "per completion")
+    try:
+        array = np.asarray(values)
+    except ValueError:  # ragged nesting
+        array = np.asarray(values, dtype=object)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"rewards.custom={spec!r} returned {array.dtype} values, not numbers: it must return "
+                         "one number per completion")
+    array = array.astype(np.float64)
     if array.shape != (len(completions),):
         raise ValueError(f"rewards.custom={spec!r} returned shape {array.shape} for {len(completions)} "
                          f"completions; it must return one number per completion")
