@@ -60,6 +60,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
     "beta_kl_clamp": ("β = 0.04 with the per-token KL clamped to 0.5", ("step.beta=0.04", "step.kl_clamp=0.5")),
     "entropy_bonus": ("entropy bonus, weight 0.01", ("step.entropy_coef=0.01",)),
     "entropy_mask": ("policy term on the top 20% entropy tokens only", ("step.entropy_top_fraction=0.2",)),
+    # A reward of one's own (rewards.custom): the example in experiments/custom_reward.py.
+    "digit_credit": ("partial credit per correct digit of the boxed answer (rewards.custom), weight 0.2",
+                     ("rewards.custom=experiments/custom_reward.py:digit_credit", "rewards.weights.custom=0.2")),
 }
 
 

@@ -88,7 +88,7 @@ def load_experiment_module(name):
 
 def test_every_ablation_row_is_a_valid_config():
     """Each row's overrides name real keys with valid values (a typo would only show after an hour)."""
-    from g2rpo_jax import rollout, train
+    from g2rpo_jax import command_line, rollout, train
 
     ablations = load_experiment_module("ablations")
     configs = load_experiment_module("configs/g2rpo")
@@ -96,11 +96,15 @@ def test_every_ablation_row_is_a_valid_config():
         cfg = configs.get_config("demo,adaptive")
         for override in overrides:
             key, value = override.split("=", 1)
-            section, name = key.split(".")
-            assert name in cfg[section], f"row {row}: {key} is not a config key"
-            old = cfg[section][name]
-            cfg[section][name] = type(old)(value == "True") if isinstance(old, bool) else type(old)(value)
-        train.validate_config(cfg, None)
+            *sections, name = key.split(".")
+            section = cfg
+            for part in sections:
+                section = section[part]
+            assert name in section, f"row {row}: {key} is not a config key"
+            old = section[name]
+            section[name] = type(old)(value == "True") if isinstance(old, bool) else type(old)(value)
+        with command_line.working_directory(REPO):  # rows name files from the repository root, as runs do
+            train.validate_config(cfg, None)
         rollout.validate_options(cfg.guidance, cfg.sampling)
 
 
