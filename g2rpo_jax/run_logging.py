@@ -21,7 +21,8 @@ context manager that closes every sink on exit, also when the run fails.
 or a test the console lines are all there is.
 
 Wall-clock measurements live under `time/` (seconds) and `throughput/` (tokens per second, also
-per device); they differ between two runs of the same config (`WALL_CLOCK_PREFIXES`).
+per device), plus each evaluation's `eval/<task>/seconds`; they differ between two runs of the same
+config (`WALL_CLOCK_PREFIXES`, `WALL_CLOCK_SUFFIXES`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ ROLLOUTS_FILE = "rollouts.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_MODES = ("online", "offline")
 WALL_CLOCK_PREFIXES = ("time/", "throughput/")
+WALL_CLOCK_SUFFIXES = ("/seconds",)  # an evaluation's wall time: eval/<task>/seconds
 METHODS = ("sft", "grpo", "guided")  # what the console line and the progress bar show
 
 
@@ -109,8 +111,10 @@ def sandbox_summary(report: dict) -> str:
 
 
 def without_wall_clock(metrics: dict) -> dict:
-    """The metrics that two runs of the same config reproduce exactly (no time/ or throughput/)."""
-    return {k: v for k, v in metrics.items() if not k.startswith(WALL_CLOCK_PREFIXES)}
+    """The metrics that two runs of the same config reproduce exactly (no time/, throughput/ or
+    eval/<task>/seconds)."""
+    return {k: v for k, v in metrics.items()
+            if not k.startswith(WALL_CLOCK_PREFIXES) and not k.endswith(WALL_CLOCK_SUFFIXES)}
 
 
 # ----------------------------------------------------------------------------- throughput

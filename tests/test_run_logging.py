@@ -301,3 +301,9 @@ def test_sandbox_summary_puts_one_protection_per_line():
 
     real = run_logging.sandbox_summary(rewards.sandbox_protections(log=False))  # what a run prints at start
     assert max(len(line) for line in real.splitlines()) < 120 and "  isolation: " in real
+
+
+def test_without_wall_clock_keeps_what_two_runs_of_a_config_reproduce():
+    metrics = {"step": 3, "loss": 0.5, "time/step_s": 1.2, "throughput/tokens_per_s": 900.0,
+               "eval/addition_heldout/seconds": 0.41, "eval/addition_heldout/pass@1": 0.125}
+    assert run_logging.without_wall_clock(metrics) == {"step": 3, "loss": 0.5, "eval/addition_heldout/pass@1": 0.125}
