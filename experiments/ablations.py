@@ -1,7 +1,7 @@
 """Ablations of the guided-RL options on the demo task: each option is one row, G²RPO-A plus that
 option's overrides, with the demo's warm start, steps, batch, learning rate and seeds.
 
-    python experiments/ablations.py                       # every row, 3 seeds (about 1 h 50 min on 2 cores)
+    python experiments/ablations.py                       # every row, 3 seeds (about 1 h 20 min on 2 cores)
     python experiments/ablations.py --rows baseline,hint --seeds 0
 
 The warm start is the demo's SFT run (`--demo_out`, trained first if it is missing), so the rows are
