@@ -145,10 +145,9 @@ def build_tokenizer(path: str) -> str:
         spec = json.load(f)
     if spec["model"]["type"] != "BPE":
         raise ValueError(f"expected a BPE tokenizer in {qwen3_tokenizer_dir()}, found {spec['model']['type']}")
-    keep = KEPT_TOKENS
-    vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < keep}
-    if sorted(vocab.values()) != list(range(keep)):
-        raise ValueError(f"the Qwen3 vocabulary's ids below {keep} are not contiguous; cannot cut it")
+    vocab = {token: i for token, i in spec["model"]["vocab"].items() if i < KEPT_TOKENS}
+    if sorted(vocab.values()) != list(range(KEPT_TOKENS)):
+        raise ValueError(f"the Qwen3 vocabulary's ids below {KEPT_TOKENS} are not contiguous; cannot cut it")
 
     def pair(merge):
         return merge if isinstance(merge, (list, tuple)) else merge.split(" ", 1)
@@ -157,7 +156,7 @@ def build_tokenizer(path: str) -> str:
               if all(part in vocab for part in pair(m)) and "".join(pair(m)) in vocab]
     spec["model"]["vocab"], spec["model"]["merges"] = vocab, merges
     spec["added_tokens"] = [
-        {"id": keep + i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+        {"id": KEPT_TOKENS + i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)]
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
