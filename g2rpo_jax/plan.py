@@ -18,7 +18,10 @@ Where each number comes from
   gradients: the float32 sum the step accumulates over micro-batches plus one micro-batch's
       gradient in the parameter dtype, both laid out like the parameters.
   activations: `layer_saved_bytes` / `activation_bytes` below, an analytic count of the tensors
-      the backward pass reads (see their docstrings for the list and its assumptions).
+      the backward pass reads (see their docstrings for the list and its assumptions), for a step
+      that runs every row's prompt. The training loop runs a group's prompt once when its rollouts
+      share it (`make_train_step(..., shared_prompts=True)`, GRPO with guides in the completion),
+      which holds the prompt's activations once per group: for that step this is an upper bound.
   log-prob chunk: `logprob_chunk_bytes`, the [rows, chunk, V] float32 buffers of one chunk of the
       LM head (`models.token_logprobs` recomputes chunks in the backward).
   KV cache: `kv_cache_bytes`, a whole rollout round (or `sampling.chunk_rows` rows) of

@@ -232,6 +232,14 @@ def reference_batch(cfg, prepared, rows, tokenizer):
 # ----------------------------------------------------------------------------- sampling options
 
 
+def shares_prompts(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the G rows of every group carry one prompt, so the train step can run it once per
+    group (`make_train_step(..., shared_prompts=...)`). Not for the SFT baseline (its rows are
+    different problems) nor with guides placed in the prompt (a guided row's prompt holds a hint)."""
+    hints = cfg.guidance.mode != "none" and cfg.guidance.placement == "prompt"
+    return cfg.step.loss_type != "sft" and not hints
+
+
 def guide_budget_warning(gcfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict) -> str | None:
     """A warning when the schedule's ℓ (in tokens) can exceed sampling.max_new_tokens, where every
     guide is capped: a rollout guided that far is entirely forced. None when it cannot."""

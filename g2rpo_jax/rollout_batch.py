@@ -99,6 +99,25 @@ def check_batch(batch: RolloutBatch) -> None:
         raise ValueError("prompt_tokens has width 0; every row needs at least one prompt token")
 
 
+def check_shared_prompts(batch: RolloutBatch, group_size: int) -> None:
+    """Raises ValueError, naming the first group and rows that differ, unless the G rows of every
+    group carry the same prompt tokens and mask (a host-side check of a concrete batch, for a step
+    made with `make_train_step(..., shared_prompts=True)`)."""
+    tokens, mask = np.asarray(batch.prompt_tokens), np.asarray(batch.prompt_mask)
+    rows = tokens.shape[0]
+    if rows % group_size:
+        raise ValueError(f"batch of {rows} rows is not a whole number of groups of {group_size}")
+    for name, x in (("prompt_tokens", tokens), ("prompt_mask", mask)):
+        grouped = x.reshape(rows // group_size, group_size, -1)
+        differs = np.any(grouped != grouped[:, :1], axis=2)  # [groups, G]
+        if differs.any():
+            group, member = np.argwhere(differs)[0]
+            raise ValueError(
+                f"group {group}: rows {group * group_size} and {group * group_size + member} have different "
+                f"{name}, but the train step runs one prompt per group (shared_prompts=True); build the step "
+                f"with shared_prompts=False for batches whose rollouts carry their own prompts")
+
+
 def batch_shardings(mesh: Mesh, rules) -> RolloutBatch:
     """Leading-axis sharding over the batch axes for each field (a RolloutBatch of shardings)."""
     ranks = dict(prompt_tokens=2, prompt_mask=2, completion_tokens=2, completion_mask=2, guided_mask=2,

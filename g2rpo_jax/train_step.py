@@ -48,8 +48,8 @@ from g2rpo_jax import optim
 from g2rpo_jax import sharding as sharding_lib
 from g2rpo_jax import train_state as train_state_lib
 from g2rpo_jax.rollout_batch import (  # noqa: F401  (the step's input, re-exported for its callers)
-    RolloutBatch, batch_shardings, check_batch, drop_zero_std_groups, from_micro_batches, make_batch,
-    to_micro_batches, validate_layout)
+    RolloutBatch, batch_shardings, check_batch, check_shared_prompts, drop_zero_std_groups, from_micro_batches,
+    make_batch, to_micro_batches, validate_layout)
 from g2rpo_jax.train_state import TrainState
 
 
@@ -169,6 +169,7 @@ def compute_logprobs(
     remat: bool = False,
     with_entropy: bool = False,
     activation_sharding=None,
+    shared_prompt_group: int = 1,
 ):
     """log_softmax(logits / temperature) of each completion token given everything before it,
     from one forward over prompt + completion: float32 [B, L] (and the entropy [B, L]).
@@ -176,14 +177,26 @@ def compute_logprobs(
 
     The completion token j is predicted from the hidden state at position P + j − 1; the
     left-padded prompt always ends at column P − 1, so that is a real token for j = 0.
+
+    `shared_prompt_group` G > 1: each run of G consecutive rows carries one prompt (a group's
+    rollouts), whose forward then runs once for the G rows (`models.shared_prompt_hidden_states`);
+    the caller guarantees the prompts are equal (`rollout_batch.check_shared_prompts`).
     """
     prompt_width = batch.prompt_tokens.shape[1]
     completion_width = batch.completion_tokens.shape[1]
-    tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)  # [B, P+L]
-    valid = jnp.concatenate([batch.prompt_mask > 0, batch.completion_mask > 0], axis=1)  # [B, P+L]
-    hidden = models.hidden_states(cfg, params, tokens, valid, remat=remat,
-                                  activation_sharding=activation_sharding)  # [B, P+L, E]
-    predicting = hidden[:, prompt_width - 1: prompt_width + completion_width - 1]  # [B, L, E]
+    options = dict(remat=remat, activation_sharding=activation_sharding)
+    if shared_prompt_group > 1:
+        first_of_group = lambda x: x.reshape(-1, shared_prompt_group, x.shape[1])[:, 0]  # noqa: E731  [B/G, P]
+        prompt_hidden, completion_hidden = models.shared_prompt_hidden_states(
+            cfg, params, first_of_group(batch.prompt_tokens), first_of_group(batch.prompt_mask) > 0,
+            batch.completion_tokens, batch.completion_mask > 0, **options)  # [B/G, P, E], [B, L, E]
+        last_prompt = jnp.repeat(prompt_hidden[:, -1:], shared_prompt_group, axis=0)  # [B, 1, E]
+        predicting = jnp.concatenate([last_prompt, completion_hidden[:, :-1]], axis=1)  # [B, L, E]
+    else:
+        tokens = jnp.concatenate([batch.prompt_tokens, batch.completion_tokens], axis=1)  # [B, P+L]
+        valid = jnp.concatenate([batch.prompt_mask > 0, batch.completion_mask > 0], axis=1)  # [B, P+L]
+        hidden = models.hidden_states(cfg, params, tokens, valid, **options)  # [B, P+L, E]
+        predicting = hidden[:, prompt_width - 1: prompt_width + completion_width - 1]  # [B, L, E]
     return models.token_logprobs(
         cfg, params, predicting, batch.completion_tokens, temperature, chunk_size, with_entropy
     )
@@ -219,6 +232,7 @@ class StepPlan:
     num_shards: int  # S: pieces of the batch's leading axis
     num_problems: Optional[int]
     param_shardings: object = None  # the params' NamedShardings with a mesh, else None
+    shared_prompts: bool = False  # the G rows of a group share their prompt: its forward runs once
 
     @property
     def group_size(self) -> int:
@@ -240,7 +254,8 @@ class StepPlan:
         activations = None if self.mesh is None else sharding_lib.batch_sharding(self.mesh, 3, self.rules)
         return compute_logprobs(self.model_cfg, params, batch, float(self.step_cfg.temperature),
                                 chunk_size=int(self.step_cfg.logprob_chunk_size), remat=remat,
-                                with_entropy=with_entropy, activation_sharding=activations)
+                                with_entropy=with_entropy, activation_sharding=activations,
+                                shared_prompt_group=self.group_size if self.shared_prompts else 1)
 
     def micro_logprobs(self, params, micro_batches: RolloutBatch, with_entropy: bool = False):
         """No-gradient log-probs (and entropies) per micro-batch: [k, B/k, L] each."""
@@ -472,13 +487,16 @@ def train_step(plan: StepPlan, state: TrainState, ref_params, batch: RolloutBatc
     return new_state, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
 
 
-def model_flops(model_cfg: models.ModelConfig, step_cfg: ml_collections.ConfigDict, batch: RolloutBatch) -> float:
+def model_flops(model_cfg: models.ModelConfig, step_cfg: ml_collections.ConfigDict, batch: RolloutBatch,
+                shared_prompts: bool = False) -> float:
     """Model FLOPs (`g2rpo_jax.flops`) of one step on `batch`'s padded shapes: μ forward + backward
-    passes, plus the reference and old-policy forwards the step runs (`fixed_logprobs`)."""
+    passes, plus the reference and old-policy forwards the step runs (`fixed_logprobs`); with
+    `shared_prompts` (as passed to `make_train_step`) each group's prompt counts once."""
     rows, prompt_len = batch.prompt_tokens.shape
     return flops.train_step_flops(
         model_cfg, rows, prompt_len, batch.completion_tokens.shape[1], num_updates=int(step_cfg.num_iterations),
-        reference_forward=uses_reference(step_cfg), old_policy_forward=runs_old_policy_forward(step_cfg))
+        reference_forward=uses_reference(step_cfg), old_policy_forward=runs_old_policy_forward(step_cfg),
+        prompt_group=int(step_cfg.group_size) if shared_prompts else 1)
 
 
 def _check_problem_count(num_problems: Optional[int], gcfg) -> None:
@@ -500,6 +518,7 @@ def make_train_step(
     *,
     donate: bool = True,
     num_problems: Optional[int] = None,
+    shared_prompts: bool = False,
 ) -> Callable[[TrainState, object, RolloutBatch], tuple[TrainState, dict]]:
     """The jitted step `(state, ref_params, batch) -> (new state, metrics)`.
 
@@ -510,13 +529,18 @@ def make_train_step(
     The batch size is checked against the layout (`validate_layout`) when the step is traced.
     `num_problems` (P, the number of training problems) is required with guidance.per_problem
     (the state's per-problem guidance arrays are [P, ...]) and ignored otherwise.
+    `shared_prompts`: every group's G rows carry the same prompt (rollouts of one problem with the
+    guide in the completion), so the policy's and reference's forwards run each prompt once per
+    group (`compute_logprobs`); the prompt's share of those FLOPs falls by G. Only for such batches,
+    which the caller checks (`check_shared_prompts`); `train` sets it (`rollout.shares_prompts`).
     """
     validate_config(step_cfg)
     guidance_lib.validate(gcfg)
     _check_problem_count(num_problems, gcfg)
     rules = tuple(rules)
     plan = StepPlan(model_cfg, ml_collections.FrozenConfigDict(step_cfg), ml_collections.FrozenConfigDict(gcfg),
-                    optimizer, mesh, rules, sharding_lib.batch_axis_size(mesh, rules), num_problems)
+                    optimizer, mesh, rules, sharding_lib.batch_axis_size(mesh, rules), num_problems,
+                    shared_prompts=bool(shared_prompts))
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(functools.partial(train_step, plan), donate_argnums=donate_argnums)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from g2rpo_jax import data, guidance, models, rollout
+from g2rpo_jax import data, guidance, models, rollout, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DATA = os.path.join(REPO, "experiments", "data")
@@ -115,7 +115,7 @@ def setup(tmp_path_factory, char_tokenizer):
 
 def collector_config(**guidance_options):
     cfg = ml_collections.ConfigDict()
-    cfg.step = ml_collections.ConfigDict({"group_size": GROUP, "temperature": 1.0})
+    cfg.step = ml_collections.ConfigDict({"group_size": GROUP, "temperature": 1.0, "loss_type": "grpo"})
     cfg.sampling = ml_collections.ConfigDict(
         {"max_new_tokens": 68, "top_p": 1.0, "top_k": 0, "dtype": "", "refill_rounds": 0})
     cfg.guidance = guidance.get_default_config()
@@ -134,7 +134,8 @@ def scorer_by_problem(correct_problems):
 
 def test_completion_placement_forces_the_trajectory_prefix(setup):
     model_cfg, params, tokenizer, prepared = setup
-    collector = rollout.RolloutCollector(collector_config(), model_cfg, tokenizer, prepared, scorer_by_problem(set()))
+    cfg = collector_config()
+    collector = rollout.RolloutCollector(cfg, model_cfg, tokenizer, prepared, scorer_by_problem(set()))
     rows = [0, 1, 2]
     rollouts, info = collector.collect(params, rows, lambda r: [24] * len(r), jax.random.key(0), None)
     assert rollouts.guided.reshape(3, GROUP).sum(axis=1).tolist() == [2, 2, 2]  # α = ½ of G = 4
@@ -150,6 +151,11 @@ def test_completion_placement_forces_the_trajectory_prefix(setup):
     batch = rollout.to_batch(rollouts, data.pad_token_id(tokenizer))
     assert batch.guided.tolist() == rollouts.guided.astype(int).tolist()
     assert batch.problem_ids.tolist() == np.repeat(rows, GROUP).tolist()
+    # A group's rollouts share their prompt, so the train step may run it once per group.
+    assert rollout.shares_prompts(cfg)
+    train_step.check_shared_prompts(batch, GROUP)
+    cfg.step.loss_type = "sft"  # the SFT baseline's rows are different problems
+    assert not rollout.shares_prompts(cfg)
 
 
 def test_prompt_placement_appends_a_hint_that_is_never_a_target(setup):
@@ -171,6 +177,12 @@ def test_prompt_placement_appends_a_hint_that_is_never_a_target(setup):
     batch = rollout.to_batch(rollouts, data.pad_token_id(tokenizer))
     assert batch.guided.sum() == GROUP  # half of two groups
     assert not batch.guided_mask.any()
+    # The hint makes a guided row's prompt its own: the train step must run every row's prompt.
+    assert not rollout.shares_prompts(cfg)
+    with pytest.raises(ValueError, match="group 0: rows 0 and .* have different prompt_tokens"):
+        train_step.check_shared_prompts(batch, GROUP)
+    cfg.guidance.mode = "none"
+    assert rollout.shares_prompts(cfg)
 
 
 def test_all_fail_trigger_guides_only_failing_groups(setup):

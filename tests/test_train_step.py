@@ -68,6 +68,15 @@ def rollout_batch(num_groups: int, seed: int = 0, vocab: int = 256) -> train_ste
     )
 
 
+def with_group_prompts(batch: train_step.RolloutBatch) -> train_step.RolloutBatch:
+    """The batch with each group's first prompt given to all G rows, as sampled rollouts have."""
+    def first_of_group(x):
+        x = np.asarray(x)
+        return np.repeat(x[::G], G, axis=0)
+    return batch.replace(prompt_tokens=first_of_group(batch.prompt_tokens),
+                         prompt_mask=first_of_group(batch.prompt_mask))
+
+
 def analytic_first_step_loss(batch, loss_type: str, guided: str) -> float:
     """Ratio 1 and no KL: the loss is minus the advantage-weighted token reduction of the loss type."""
     advantages = group_advantages_ref(batch.rewards, G)
@@ -226,6 +235,41 @@ def test_bad_step_config_names_key_and_options(model):
         train_step.make_train_step(cfg, step_config(num_iterations=0), guidance_config(), optax.sgd(1.0))
 
 
+def test_shared_prompt_check_names_the_group_and_rows():
+    shared = with_group_prompts(rollout_batch(4, seed=1))
+    train_step.check_shared_prompts(shared, G)
+    tokens = np.array(shared.prompt_tokens)
+    tokens[G + 2, -1] += 1  # group 1's third row
+    with pytest.raises(ValueError, match=r"group 1: rows 4 and 6 have different prompt_tokens.*shared_prompts=False"):
+        train_step.check_shared_prompts(shared.replace(prompt_tokens=tokens), G)
+    mask = np.array(shared.prompt_mask)
+    mask[1, :] = 1
+    with pytest.raises(ValueError, match="group 0: rows 0 and 1 have different prompt_mask"):
+        train_step.check_shared_prompts(shared.replace(prompt_tokens=np.asarray(shared.prompt_tokens) * 0,
+                                                       prompt_mask=mask), G)
+
+
+def test_a_step_with_shared_prompts_runs_each_prompt_once(model):
+    """XLA's FLOP count of the compiled step falls by what `model_flops` predicts for one prompt
+    forward per group (policy forward and backward, and the reference's forward). XLA also counts
+    the elementwise work, which sharing does not change, so the measured saving is a bit smaller."""
+    cfg, params, ref_params, _ = model
+    step_cfg = step_config(micro_batch_size=8)
+    state = train_state.create(params, optax.sgd(SGD_RATE), guidance_config(), jax.random.key(0))
+    batch = with_group_prompts(rollout_batch(4))
+    counted = {}
+    for shared in (False, True):
+        step_fn = train_step.make_train_step(cfg, step_cfg, guidance_config(), optax.sgd(SGD_RATE), donate=False,
+                                             shared_prompts=shared)
+        cost = compile_step(step_fn, state, ref_params, batch).cost_analysis()
+        counted[shared] = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+    predicted = train_step.model_flops(cfg, step_cfg, batch, shared_prompts=True) / train_step.model_flops(
+        cfg, step_cfg, batch)
+    measured = counted[True] / counted[False]
+    assert predicted < 0.8
+    assert predicted - 0.02 <= measured <= 1 - 0.5 * (1 - predicted), (measured, predicted)
+
+
 def test_micro_batch_layout_keeps_groups_whole_and_inverts():
     rows = np.arange(32)
     micro = train_step.to_micro_batches(rows, num_micro=2, num_shards=4, group_size=4)  # [2, 16]
@@ -241,13 +285,18 @@ def test_micro_batch_layout_keeps_groups_whole_and_inverts():
 # ----------------------------------------------------------------------------- log-probs
 
 
-def test_logprobs_and_entropy_match_torch_teacher_forcing(model):
+@pytest.mark.parametrize("prompt_group", [1, G], ids=["own-prompts", "shared-prompts"])
+def test_logprobs_and_entropy_match_torch_teacher_forcing(model, prompt_group):
     """Log-probs and the entropy of each completion position against transformers' logits: both
-    are O(1) sums over the vocabulary in float32, so 1e-4 covers the two models' rounding."""
+    are O(1) sums over the vocabulary in float32, so 1e-4 covers the two models' rounding. With
+    shared prompts each group's prompt runs once and its cache is copied to the G rows."""
     cfg, params, _, torch_model = model
     batch = rollout_batch(2, seed=3)
+    if prompt_group > 1:
+        batch = with_group_prompts(batch)
     ours, entropy = jax.jit(functools.partial(train_step.compute_logprobs, cfg, temperature=TEMPERATURE,
-                                              chunk_size=3, with_entropy=True))(params, batch)
+                                              chunk_size=3, with_entropy=True,
+                                              shared_prompt_group=prompt_group))(params, batch)
     prompt_len = np.asarray(batch.prompt_mask).sum(axis=1)
     completion_len = np.asarray(batch.completion_mask).sum(axis=1)
     checked = 0
@@ -397,10 +446,12 @@ def test_two_iterations_keep_old_logprobs_fixed(model):
 # ----------------------------------------------------------------------------- sharding
 
 
-def test_sharded_step_equals_single_device(model):
+@pytest.mark.parametrize("shared_prompts", [False, True], ids=["own-prompts", "shared-prompts"])
+def test_sharded_step_equals_single_device(model, shared_prompts):
     """data=2, fsdp=2, tensor=2 versus one device: same loss, gradient (via Adam's moments) and
     parameters, each within the rounding its conditioning allows; params and moments laid out by
-    the rules; the state is donated."""
+    the rules; the state is donated. With shared prompts the sharded step runs each group's
+    prompt once (policy and reference) against the single-device step's forward of every row."""
     cfg, params, ref_params, _ = model
     ocfg = optim.get_default_config()
     ocfg.learning_rate, ocfg.weight_decay, ocfg.max_grad_norm = 1e-3, 0.1, 1.0
@@ -408,6 +459,9 @@ def test_sharded_step_equals_single_device(model):
     gcfg = guidance_config()
     step_cfg = step_config(loss_type="dapo", micro_batch_size=16, guided="shaping")
     batch = rollout_batch(8, seed=4)
+    if shared_prompts:
+        batch = with_group_prompts(batch)
+        train_step.check_shared_prompts(batch, G)
 
     state = train_state.create(params, optimizer, gcfg, jax.random.key(0))
     single_fn = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=False)
@@ -419,7 +473,7 @@ def test_sharded_step_equals_single_device(model):
     )
     sharded_state = train_state.shard_state(state, shardings)
     sharded_ref = jax.device_put(ref_params, shardings.params)
-    sharded_fn = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, mesh=mesh)
+    sharded_fn = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, mesh=mesh, shared_prompts=shared_prompts)
     compiled = compile_step(sharded_fn, sharded_state, sharded_ref, batch)
     new_state, metrics = compiled(sharded_state, sharded_ref, batch)
     assert sharded_state.params["embedding"].is_deleted()  # donated

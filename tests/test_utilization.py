@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from g2rpo_jax import flops, models
+from g2rpo_jax import flops, models, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments", "benchmarks"))
@@ -79,3 +79,15 @@ def test_train_step_flops_agree_with_xlas_count_of_the_objectives_forward_and_ba
     forward = flops.train_step_flops(cfg, rows, prompt_len, completion_len) / 3
     assert xla_flops(objective, params) == pytest.approx(forward, rel=0.05)
     assert xla_flops(jax.grad(objective), params) == pytest.approx(3 * forward, rel=0.05)
+
+    # Groups of 2 rows sharing their prompt, as the train step runs them (shared_prompts=True).
+    batch = train_step.make_batch(tokens[:, :prompt_len], tokens[:, :prompt_len], tokens[:, prompt_len:],
+                                  tokens[:, prompt_len:], jax.numpy.zeros(rows))
+
+    def shared_objective(params):
+        return train_step.compute_logprobs(cfg, params, batch, chunk_size=completion_len, shared_prompt_group=2).sum()
+
+    shared_forward = flops.train_step_flops(cfg, rows, prompt_len, completion_len, prompt_group=2) / 3
+    assert shared_forward < 0.85 * forward
+    assert xla_flops(shared_objective, params) == pytest.approx(shared_forward, rel=0.05)
+    assert xla_flops(jax.grad(shared_objective), params) == pytest.approx(3 * shared_forward, rel=0.05)

@@ -4,8 +4,10 @@ Measures, in the same process and dtype:
   * the matmul peak: best FLOP/s of a square `jnp.dot` (2048³ on a CPU, 8192³ on a GPU);
   * the memory bandwidth: best bytes/s of a sum over a large array (a read stream);
   * the train step (`train_step.make_train_step`, AdamW, β = 0, μ = 1) on a random-init model and
-    a batch of `--rows` rollouts × (prompt + completion) tokens. Model FLOPs are `g2rpo_jax.flops`'
-    count (PaLM's MFU count; the LM head on completion positions only, where the loss needs it). The
+    a batch of `--rows` rollouts × (prompt + completion) tokens, the G rows of a group sharing their
+    prompt, which the step runs once per group (`shared_prompts=True`, as the training loop does).
+    Model FLOPs are `g2rpo_jax.flops`' count (PaLM's MFU count; the LM head on completion positions
+    only, where the loss needs it; a group's prompt once). The
     ratio to the matmul peak is the model-FLOPs utilisation (MFU). XLA's own count of the compiled
     program (recomputation and elementwise work included, loop bodies once) is printed beside it.
   * decoding (`sampling.sample`, temperature 1, every row generating all new tokens): decode time
@@ -91,12 +93,14 @@ class Shape:
 
 
 def random_batch(cfg: models.ModelConfig, shape: Shape, seed: int = 0) -> train_step.RolloutBatch:
-    """Full-length rollouts with random tokens and rewards (every group has reward spread)."""
+    """Full-length rollouts with random tokens and rewards (every group has reward spread); the
+    G rows of a group share their prompt, as sampled groups do."""
     rs = np.random.RandomState(seed)
     rows, prompt_len, completion_len = shape.rows, shape.prompt_len, shape.new_tokens
     rewards = np.tile(np.arange(shape.group_size) % 2, rows // shape.group_size).astype(np.float32)
+    prompts = np.repeat(rs.randint(2, cfg.vocab_size, (rows // shape.group_size, prompt_len)), shape.group_size, axis=0)
     return train_step.make_batch(
-        rs.randint(2, cfg.vocab_size, (rows, prompt_len)), np.ones((rows, prompt_len)),
+        prompts, np.ones((rows, prompt_len)),
         rs.randint(2, cfg.vocab_size, (rows, completion_len)), np.ones((rows, completion_len)), rewards)
 
 
@@ -108,7 +112,7 @@ def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
     # A copy: the step donates its state, and the sampler still needs the parameters.
     state = train_state.create(jax.tree.map(jnp.copy, params), optimizer, gcfg, jax.random.key(0))
     batch = jax.device_put(random_batch(cfg, shape))
-    step = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=True)
+    step = train_step.make_train_step(cfg, step_cfg, gcfg, optimizer, donate=True, shared_prompts=True)
     start = time.perf_counter()
     compiled = step.lower(state, None, batch).compile()
     compile_s = time.perf_counter() - start
@@ -122,7 +126,8 @@ def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
 
     median, low, high = median_and_spread(run, repeats)
     return dict(median=median, low=low, high=high, compile=compile_s,
-                flops=train_step_flops(cfg, shape.rows, shape.prompt_len, shape.new_tokens),
+                flops=train_step_flops(cfg, shape.rows, shape.prompt_len, shape.new_tokens,
+                                       prompt_group=shape.group_size),
                 xla_flops=float((cost or {}).get("flops", float("nan"))))
 
 

@@ -24,6 +24,7 @@ from g2rpo_jax.models.decoder import (
     lm_head_weight,
     logits_from_hidden,
     param_logical_axes,
+    shared_prompt_hidden_states,
 )
 from g2rpo_jax.models.hf import load_hf, read_config, save_hf
 from g2rpo_jax.models.logprobs import log_softmax_at, token_logprobs
@@ -67,6 +68,7 @@ __all__ = [
     "read_config",
     "resolve_dtype",
     "save_hf",
+    "shared_prompt_hidden_states",
     "tiny_config",
     "tiny_config_for",
     "tiny_qwen3_for",

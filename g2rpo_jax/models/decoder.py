@@ -331,19 +331,20 @@ def forward(cfg: ModelConfig, params, tokens: jax.Array, valid: Optional[jax.Arr
     return logits_from_hidden(cfg, params, hidden_states(cfg, params, tokens, valid))
 
 
-def extend_cache(cfg: ModelConfig, params, tokens: jax.Array, valid: jax.Array, cache: KVCache):
+def extend_cache(cfg: ModelConfig, params, tokens: jax.Array, valid: jax.Array, cache: KVCache, *,
+                 remat: bool = False, activation_sharding: Optional[jax.sharding.Sharding] = None):
     """Appends a chunk of tokens [B, T] to the cache; returns (hidden [B, T, E], new cache).
 
     Prefill is one call with the whole left-padded prompt; decoding is one call per step with T=1.
+    `remat` and `activation_sharding` as in `DecoderModel` (for differentiated calls).
     """
     chex.assert_equal_shape([tokens, valid])
     steps = tokens.shape[1]
     all_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
     positions = positions_from_mask(valid, cache.next_position)
     mask = causal_mask(cache.index + jnp.arange(steps), all_valid)
-    hidden, (k, v) = DecoderModel(cfg).apply(
-        {"params": params}, tokens, positions, mask, cache.k, cache.v, cache.index
-    )
+    model = DecoderModel(cfg, remat=remat, activation_sharding=activation_sharding)
+    hidden, (k, v) = model.apply({"params": params}, tokens, positions, mask, cache.k, cache.v, cache.index)
     new_cache = KVCache(
         k=k,
         v=v,
@@ -352,3 +353,30 @@ def extend_cache(cfg: ModelConfig, params, tokens: jax.Array, valid: jax.Array, 
         index=cache.index + steps,
     )
     return hidden, new_cache
+
+
+def shared_prompt_hidden_states(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_valid: jax.Array,
+                                tokens: jax.Array, valid: jax.Array, *, remat: bool = False,
+                                activation_sharding: Optional[jax.sharding.Sharding] = None):
+    """Hidden states of N prompts and of G continuations of each, running every prompt once.
+
+    prompt_tokens / prompt_valid [N, P] (left-padded); tokens / valid [N·G, T], rows n·G … n·G + G − 1
+    continuing prompt n. Returns (prompt hidden [N, P, E], continuation hidden [N·G, T, E]), the
+    same values as `hidden_states` over each row's prompt + continuation (up to matmul rounding):
+    the prompts fill a cache, which is copied to their G rows before the continuations attend to it.
+    A group's rollouts share their prompt, so the train step's forward and backward over the prompt
+    cost ÷ G; gradients flow through the copies into the one prompt forward.
+    """
+    chex.assert_equal_shape([prompt_tokens, prompt_valid])
+    chex.assert_equal_shape([tokens, valid])
+    num_prompts, prompt_width = prompt_tokens.shape
+    rows, width = tokens.shape
+    if rows % num_prompts:
+        raise ValueError(f"{rows} continuation rows do not split into equal groups for {num_prompts} prompts")
+    group = rows // num_prompts
+    options = dict(remat=remat, activation_sharding=activation_sharding)
+    cache = init_cache(cfg, num_prompts, prompt_width + width, dtype=cfg.compute_dtype)
+    prompt_hidden, cache = extend_cache(cfg, params, prompt_tokens, prompt_valid, cache, **options)
+    per_row = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, group, axis=0), cache)
+    hidden, _ = extend_cache(cfg, params, tokens, valid, per_row, **options)
+    return prompt_hidden, hidden
