@@ -1,6 +1,7 @@
 """Qwen3 in Flax against transformers' PyTorch Qwen3ForCausalLM, plus checkpoint I/O, KV cache and sharding.
 The other families (Qwen2, Llama 3) are covered in test_model_families.py."""
 
+import functools
 import json
 import os
 
@@ -138,6 +139,33 @@ def test_kv_cache_decoding_matches_full_forward(tiny_checkpoint):
     path, _ = tiny_checkpoint
     cfg, params = models.load_hf(path)
     assert_cache_decoding_matches_forward(cfg, params)
+
+
+def test_shared_prompt_hidden_states_match_each_rows_forward(tiny_checkpoint):
+    """Two left-padded prompts, three continuations each (the last ones shorter, right-padded):
+    every real position's logits equal the plain forward over that row's prompt + continuation."""
+    path, _ = tiny_checkpoint
+    cfg, params = models.load_hf(path)
+    prompts = [list(random_tokens(cfg.vocab_size, (n,), seed=20 + n)) for n in (3, 6)]
+    prompt_tokens, prompt_valid = left_pad(prompts)
+    continuation = random_tokens(cfg.vocab_size, (6, 5), seed=7)
+    lengths = np.array([5, 4, 2, 5, 1, 3])
+    valid = np.arange(5)[None] < lengths[:, None]
+    prompt_hidden, hidden = jax.jit(functools.partial(models.shared_prompt_hidden_states, cfg))(
+        params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_valid), jnp.asarray(continuation * valid),
+        jnp.asarray(valid))
+    assert prompt_hidden.shape[:2] == (2, 6) and hidden.shape[:2] == (6, 5)
+    for row in range(6):
+        prompt = prompts[row // 3]
+        full = np.asarray(models.forward(cfg, params, jnp.asarray([prompt + list(continuation[row, :lengths[row]])])))[0]
+        ours = np.asarray(models.logits_from_hidden(cfg, params, hidden[row, :lengths[row]]))
+        np.testing.assert_allclose(ours, full[len(prompt):], atol=logit_rounding(cfg, full))
+        if row % 3 == 0:
+            prompt_logits = np.asarray(models.logits_from_hidden(cfg, params, prompt_hidden[row // 3, -len(prompt):]))
+            np.testing.assert_allclose(prompt_logits, full[:len(prompt)], atol=logit_rounding(cfg, full))
+    with pytest.raises(ValueError, match="5 continuation rows do not split into equal groups for 2 prompts"):
+        models.shared_prompt_hidden_states(cfg, params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_valid),
+                                           jnp.asarray(continuation[:5]), jnp.asarray(valid[:5]))
 
 
 def test_cache_refuses_to_shrink_or_drop_too_much(tiny_checkpoint):
