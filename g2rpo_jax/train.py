@@ -366,8 +366,9 @@ def run_step(run: Run) -> dict:
     skipped = bool(state_metrics["skipped_nonfinite"] > 0)
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if skipped else 0
     run.nonfinite_total += int(skipped)
+    step_flops = train_step_lib.model_flops(run.model_cfg, cfg.step, batch, shared_prompts)
     metrics = run_logging.step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start,
-                                       train_step_s, train_step_lib.model_flops(run.model_cfg, cfg.step, batch, shared_prompts))
+                                       train_step_s, step_flops)
     metrics["skipped_nonfinite_total"] = run.nonfinite_total
     run.rollout_records = []
     if rollouts is not None and cfg.run.get("rollout_samples", 0) and jax.process_index() == 0:

@@ -24,7 +24,8 @@ is a module-level function of a `StepPlan` (the static settings) and arrays; `tr
 in order and `make_train_step` jits it.
 
 Log-probs are those of the sampling distribution, log_softmax(logits / temperature), taken at
-completion positions from one forward over prompt + completion.
+completion positions from one forward over prompt + completion; with `shared_prompts` (a group's
+rollouts carry one prompt) that prompt's part of the forward runs once per group.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ def shared_prompt_hidden_states(cfg: ModelConfig, params, prompt_tokens: jax.Arr
         raise ValueError(f"{rows} continuation rows do not split into equal groups for {num_prompts} prompts")
     group = rows // num_prompts
     options = dict(remat=remat, activation_sharding=activation_sharding)
-    cache = init_cache(cfg, num_prompts, prompt_width + width, dtype=cfg.compute_dtype)
+    cache = init_cache(cfg, num_prompts, prompt_width + width)
     prompt_hidden, cache = extend_cache(cfg, params, prompt_tokens, prompt_valid, cache, **options)
     per_row = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, group, axis=0), cache)
     hidden, _ = extend_cache(cfg, params, tokens, valid, per_row, **options)
