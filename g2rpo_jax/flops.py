@@ -26,27 +26,27 @@ def attention_flops(cfg: ModelConfig, context: int) -> int:
     return 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
-def forward_flops(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int, prompt_group: int = 1) -> float:
+def forward_flops(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int, shared_prompt_group: int = 1) -> float:
     """FLOPs of one forward over rows × (prompt + completion) positions, LM head on completions.
-    `prompt_group` G > 1: every G rows share one prompt, run once (`models.shared_prompt_hidden_states`),
+    `shared_prompt_group` G > 1: every G rows share one prompt, run once (`models.shared_prompt_hidden_states`),
     so prompt positions count rows / G times; every position still attends over prompt + completion."""
-    if rows % prompt_group:
-        raise ValueError(f"rows={rows} is not a multiple of prompt_group={prompt_group}")
+    if rows % shared_prompt_group:
+        raise ValueError(f"rows={rows} is not a multiple of shared_prompt_group={shared_prompt_group}")
     body, head = matmul_parameters(cfg)
     seq = prompt_len + completion_len
-    positions = rows // prompt_group * prompt_len + rows * completion_len
+    positions = rows // shared_prompt_group * prompt_len + rows * completion_len
     return float(positions * (2 * body + attention_flops(cfg, seq)) + rows * completion_len * 2 * head)
 
 
 def train_step_flops(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int, *, num_updates: int = 1,
                      reference_forward: bool = False, old_policy_forward: bool = False,
-                     prompt_group: int = 1) -> float:
+                     shared_prompt_group: int = 1) -> float:
     """Model FLOPs of one train step on a [rows, prompt_len] + [rows, completion_len] batch: a
     forward and backward per optimizer update (3 forwards' worth), one forward of the reference
     when the KL term is on (beta > 0), one of the old policy when num_updates μ > 1.
-    `prompt_group` as in `forward_flops`."""
+    `shared_prompt_group` as in `forward_flops`."""
     forwards = 3 * num_updates + int(reference_forward) + int(old_policy_forward)
-    return forwards * forward_flops(cfg, rows, prompt_len, completion_len, prompt_group)
+    return forwards * forward_flops(cfg, rows, prompt_len, completion_len, shared_prompt_group)
 
 
 def decode_step_cost(cfg: ModelConfig, rows: int, context: int, itemsize: int) -> tuple[float, float]:

@@ -233,11 +233,11 @@ def reference_batch(cfg, prepared, rows, tokenizer):
 
 
 def shares_prompts(cfg: ml_collections.ConfigDict) -> bool:
-    """Whether the G rows of every group carry one prompt, so the train step can run it once per
-    group (`make_train_step(..., shared_prompts=...)`). Not for the SFT baseline (its rows are
-    different problems) nor with guides placed in the prompt (a guided row's prompt holds a hint)."""
+    """Whether the train step runs a group's prompt once (`make_train_step(..., shared_prompts=...)`):
+    step.shared_prompts, except for the SFT baseline (its rows are different problems) and for
+    guides placed in the prompt (a guided row's prompt holds a hint), where rows differ."""
     hints = cfg.guidance.mode != "none" and cfg.guidance.placement == "prompt"
-    return cfg.step.loss_type != "sft" and not hints
+    return bool(cfg.step.shared_prompts) and cfg.step.loss_type != "sft" and not hints
 
 
 def guide_budget_warning(gcfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict) -> str | None:

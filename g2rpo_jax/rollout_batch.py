@@ -102,8 +102,14 @@ def check_batch(batch: RolloutBatch) -> None:
 def check_shared_prompts(batch: RolloutBatch, group_size: int) -> None:
     """Raises ValueError, naming the first group and rows that differ, unless the G rows of every
     group carry the same prompt tokens and mask (a host-side check of a concrete batch, for a step
-    made with `make_train_step(..., shared_prompts=True)`)."""
-    tokens, mask = np.asarray(batch.prompt_tokens), np.asarray(batch.prompt_mask)
+    made with `make_train_step(..., shared_prompts=True)`). Arrays spread over several hosts
+    cannot be read here and are not checked."""
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is not valid; valid: an integer >= 1")
+    fields = (batch.prompt_tokens, batch.prompt_mask)
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in fields):
+        return
+    tokens, mask = (np.asarray(x) for x in fields)
     rows = tokens.shape[0]
     if rows % group_size:
         raise ValueError(f"batch of {rows} rows is not a whole number of groups of {group_size}")

@@ -302,9 +302,14 @@ def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     if host:
         iterator.set_state(host["data"])
     start_step = int(state.step)
+    shared_prompts = rollout.shares_prompts(cfg)
+    why_not = ("step.shared_prompts=False" if not cfg.step.shared_prompts else "the SFT baseline's rows are different "
+               "problems" if cfg.step.loss_type == "sft" else "guidance.placement='prompt' gives guided rows their own")
+    log("train step: " + ("a group's prompt runs once for its G rollouts (step.shared_prompts)" if shared_prompts
+                          else f"every rollout's prompt runs ({why_not})"))
     step_fn = train_step_lib.make_train_step(model_cfg, cfg.step, cfg.guidance, optimizer, mesh,
                                              tuple(cfg.mesh.rules), num_problems=num_problems,
-                                             shared_prompts=rollout.shares_prompts(cfg))
+                                             shared_prompts=shared_prompts)
     reward_settings = rewards.settings_from_config(cfg.rewards)
     pool = rewards.RewardPool(reward_settings.num_workers) if reward_settings.num_workers else None
     log(run_logging.sandbox_summary(rewards.sandbox_protections(reward_settings.code_limits, log=False)))
@@ -353,9 +358,6 @@ def run_step(run: Run) -> dict:
         rollouts, info = run.collector.collect(run.state.params, rows, lengths_of, run.state.step_key(step),
                                                lambda: next(run.iterator))
         batch = rollout.to_batch(rollouts, run.collector.pad_id)
-    shared_prompts = rollout.shares_prompts(cfg)
-    if shared_prompts:
-        train_step_lib.check_shared_prompts(batch, cfg.step.group_size)
     position_after_batch = run.iterator.get_state()  # after any refill draws
     train_start = time.perf_counter()
     run.state, state_metrics = run.step_fn(run.state, run.ref_params, batch)
@@ -366,7 +368,7 @@ def run_step(run: Run) -> dict:
     skipped = bool(state_metrics["skipped_nonfinite"] > 0)
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if skipped else 0
     run.nonfinite_total += int(skipped)
-    step_flops = train_step_lib.model_flops(run.model_cfg, cfg.step, batch, shared_prompts)
+    step_flops = train_step_lib.model_flops(run.model_cfg, cfg.step, batch, rollout.shares_prompts(cfg))
     metrics = run_logging.step_metrics(run.completed, state_metrics, batch, info, time.perf_counter() - start,
                                        train_step_s, step_flops)
     metrics["skipped_nonfinite_total"] = run.nonfinite_total

@@ -89,6 +89,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     cfg.tis = "none"  # none | token | sequence: w = min(π_old / π_sampler, C) per token or per row
     cfg.tis_cap = 2.0  # C > 0: the truncation bound of the TIS weights
     cfg.remat = False  # rematerialise decoder layers in the backward pass
+    # Run a group's prompt once for its G rollouts (they share it). Read by the training loop
+    # (`rollout.shares_prompts`), which also turns it off for the SFT baseline and for hints placed
+    # in the prompt; False runs every row's prompt (the same result up to float rounding).
+    cfg.shared_prompts = True
     cfg.logprob_chunk_size = 128  # positions per chunk of the LM-head / log-softmax
     return cfg
 
@@ -112,6 +116,8 @@ def validate_config(step_cfg: ml_collections.ConfigDict) -> None:
         value = step_cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"step.{key}={value!r} is not valid; valid: an integer >= {low}")
+    if not isinstance(step_cfg.shared_prompts, bool):
+        raise ValueError(f"step.shared_prompts={step_cfg.shared_prompts!r} is not valid; valid: True or False")
     if not step_cfg.temperature > 0:
         raise ValueError(f"step.temperature={step_cfg.temperature!r} is not valid; valid: a number > 0")
     for key in ("epsilon_low", "epsilon_high", "beta", "shaping_gamma", "advantage_eps",
@@ -183,9 +189,12 @@ def compute_logprobs(
     rollouts), whose forward then runs once for the G rows (`models.shared_prompt_hidden_states`);
     the caller guarantees the prompts are equal (`rollout_batch.check_shared_prompts`).
     """
-    prompt_width = batch.prompt_tokens.shape[1]
+    rows, prompt_width = batch.prompt_tokens.shape
     completion_width = batch.completion_tokens.shape[1]
     options = dict(remat=remat, activation_sharding=activation_sharding)
+    if shared_prompt_group < 1 or rows % shared_prompt_group:
+        raise ValueError(f"shared_prompt_group={shared_prompt_group!r} must be an integer >= 1 that divides the "
+                         f"batch's {rows} rows (the rows of a group are adjacent)")
     if shared_prompt_group > 1:
         first_of_group = lambda x: x.reshape(-1, shared_prompt_group, x.shape[1])[:, 0]  # noqa: E731  [B/G, P]
         prompt_hidden, completion_hidden = models.shared_prompt_hidden_states(
@@ -497,7 +506,7 @@ def model_flops(model_cfg: models.ModelConfig, step_cfg: ml_collections.ConfigDi
     return flops.train_step_flops(
         model_cfg, rows, prompt_len, batch.completion_tokens.shape[1], num_updates=int(step_cfg.num_iterations),
         reference_forward=uses_reference(step_cfg), old_policy_forward=runs_old_policy_forward(step_cfg),
-        prompt_group=int(step_cfg.group_size) if shared_prompts else 1)
+        shared_prompt_group=int(step_cfg.group_size) if shared_prompts else 1)
 
 
 def _check_problem_count(num_problems: Optional[int], gcfg) -> None:
@@ -530,29 +539,48 @@ def make_train_step(
     The batch size is checked against the layout (`validate_layout`) when the step is traced.
     `num_problems` (P, the number of training problems) is required with guidance.per_problem
     (the state's per-problem guidance arrays are [P, ...]) and ignored otherwise.
-    `shared_prompts`: every group's G rows carry the same prompt (rollouts of one problem with the
-    guide in the completion), so the policy's and reference's forwards run each prompt once per
-    group (`compute_logprobs`); the prompt's share of those FLOPs falls by G. Only for such batches,
-    which the caller checks (`check_shared_prompts`); `train` sets it (`rollout.shares_prompts`).
+    `shared_prompts` (a bool): every group's G rows carry the same prompt (rollouts of one problem
+    with the guide in the completion), so the policy's and reference's forwards run each prompt
+    once per group (`compute_logprobs`); the prompt's share of those FLOPs falls by G. The returned
+    function then checks every batch on the host first (`check_shared_prompts`: ValueError naming
+    the group whose rows differ). The default, False, runs every row's prompt; the training loop
+    passes `rollout.shares_prompts(cfg)`.
     """
     validate_config(step_cfg)
     guidance_lib.validate(gcfg)
     _check_problem_count(num_problems, gcfg)
+    if not isinstance(shared_prompts, (bool, np.bool_)):
+        raise ValueError(f"shared_prompts={shared_prompts!r} is not valid; valid: True or False")
     rules = tuple(rules)
     plan = StepPlan(model_cfg, ml_collections.FrozenConfigDict(step_cfg), ml_collections.FrozenConfigDict(gcfg),
                     optimizer, mesh, rules, sharding_lib.batch_axis_size(mesh, rules), num_problems,
                     shared_prompts=bool(shared_prompts))
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(functools.partial(train_step, plan), donate_argnums=donate_argnums)
+        step = jax.jit(functools.partial(train_step, plan), donate_argnums=donate_argnums)
+        return checking_shared_prompts(step, plan.group_size) if plan.shared_prompts else step
     abstract_params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
     abstract = train_state_lib.abstract_state(abstract_params, optimizer, gcfg, num_problems)
     state_sh = train_state_lib.state_shardings(abstract, optimizer, mesh, models.param_logical_axes(model_cfg), rules)
     plan = dataclasses.replace(plan, param_shardings=state_sh.params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
+    step = jax.jit(
         functools.partial(train_step, plan),
         in_shardings=(state_sh, state_sh.params if plan.use_kl else None, batch_shardings(mesh, rules)),
         out_shardings=(state_sh, replicated),
         donate_argnums=donate_argnums,
     )
+    return checking_shared_prompts(step, plan.group_size) if plan.shared_prompts else step
+
+
+def checking_shared_prompts(step, group_size: int):
+    """`step` behind a host-side `check_shared_prompts` of each batch it is given: a step that runs
+    one prompt per group must not be fed rows with their own prompts (it would train them on the
+    group's first). `.lower` is the jitted step's, for ahead-of-time compilation."""
+    @functools.wraps(step)
+    def checked(state, ref_params, batch):
+        check_shared_prompts(batch, group_size)
+        return step(state, ref_params, batch)
+
+    checked.lower = step.lower
+    return checked

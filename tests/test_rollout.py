@@ -115,7 +115,8 @@ def setup(tmp_path_factory, char_tokenizer):
 
 def collector_config(**guidance_options):
     cfg = ml_collections.ConfigDict()
-    cfg.step = ml_collections.ConfigDict({"group_size": GROUP, "temperature": 1.0, "loss_type": "grpo"})
+    cfg.step = ml_collections.ConfigDict({"group_size": GROUP, "temperature": 1.0, "loss_type": "grpo",
+                                         "shared_prompts": True})
     cfg.sampling = ml_collections.ConfigDict(
         {"max_new_tokens": 68, "top_p": 1.0, "top_k": 0, "dtype": "", "refill_rounds": 0})
     cfg.guidance = guidance.get_default_config()
@@ -155,6 +156,8 @@ def test_completion_placement_forces_the_trajectory_prefix(setup):
     assert rollout.shares_prompts(cfg)
     train_step.check_shared_prompts(batch, GROUP)
     cfg.step.loss_type = "sft"  # the SFT baseline's rows are different problems
+    assert not rollout.shares_prompts(cfg)
+    cfg.step.update(loss_type="grpo", shared_prompts=False)  # turned off by hand
     assert not rollout.shares_prompts(cfg)
 
 

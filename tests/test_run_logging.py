@@ -204,7 +204,7 @@ def test_step_model_flops_count_the_forwards_the_step_runs():
         # Groups of 2 sharing one prompt: the prompt's 3 positions count for 2 of the 4 rows.
         step_cfg.group_size = 2
         shared = train_step.model_flops(cfg, step_cfg, batch, shared_prompts=True)
-        assert shared == forwards * flops.forward_flops(cfg, 4, 3, 5, prompt_group=2)
+        assert shared == forwards * flops.forward_flops(cfg, 4, 3, 5, shared_prompt_group=2)
         body, _ = flops.matmul_parameters(cfg)
         assert shared == forwards * (forward - 2 * 3 * (2 * body + flops.attention_flops(cfg, 3 + 5)))
 

@@ -235,9 +235,23 @@ def test_bad_step_config_names_key_and_options(model):
         train_step.make_train_step(cfg, step_config(num_iterations=0), guidance_config(), optax.sgd(1.0))
 
 
-def test_shared_prompt_check_names_the_group_and_rows():
-    shared = with_group_prompts(rollout_batch(4, seed=1))
+def test_shared_prompt_errors_name_the_group_rows_and_values(model):
+    cfg, params, ref_params, _ = model
+    own = rollout_batch(4, seed=1)
+    shared = with_group_prompts(own)
     train_step.check_shared_prompts(shared, G)
+    # A step that runs one prompt per group refuses rows with their own prompts before it runs.
+    step_fn = train_step.make_train_step(cfg, step_config(), guidance_config(), optax.sgd(1.0), donate=False,
+                                         shared_prompts=True)
+    state = train_state.create(params, optax.sgd(1.0), guidance_config(), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"group 0: rows 0 and 1 have different prompt_tokens"):
+        step_fn(state, ref_params, own)
+    with pytest.raises(ValueError, match=r"shared_prompts='no' is not valid; valid: True or False"):
+        train_step.make_train_step(cfg, step_config(), guidance_config(), optax.sgd(1.0), shared_prompts="no")
+    with pytest.raises(ValueError, match=r"shared_prompt_group=3 must be an integer >= 1 that divides the batch's 16"):
+        train_step.compute_logprobs(cfg, params, shared, shared_prompt_group=3)
+    with pytest.raises(ValueError, match=r"group_size=0 is not valid; valid: an integer >= 1"):
+        train_step.check_shared_prompts(shared, 0)
     tokens = np.array(shared.prompt_tokens)
     tokens[G + 2, -1] += 1  # group 1's third row
     with pytest.raises(ValueError, match=r"group 1: rows 4 and 6 have different prompt_tokens.*shared_prompts=False"):

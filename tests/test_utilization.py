@@ -87,7 +87,7 @@ def test_train_step_flops_agree_with_xlas_count_of_the_objectives_forward_and_ba
     def shared_objective(params):
         return train_step.compute_logprobs(cfg, params, batch, chunk_size=completion_len, shared_prompt_group=2).sum()
 
-    shared_forward = flops.train_step_flops(cfg, rows, prompt_len, completion_len, prompt_group=2) / 3
+    shared_forward = flops.train_step_flops(cfg, rows, prompt_len, completion_len, shared_prompt_group=2) / 3
     assert shared_forward < 0.85 * forward
     assert xla_flops(shared_objective, params) == pytest.approx(shared_forward, rel=0.05)
     assert xla_flops(jax.grad(shared_objective), params) == pytest.approx(3 * shared_forward, rel=0.05)

@@ -127,7 +127,7 @@ def time_train_step(cfg, params, shape: Shape, repeats: int) -> dict:
     median, low, high = median_and_spread(run, repeats)
     return dict(median=median, low=low, high=high, compile=compile_s,
                 flops=train_step_flops(cfg, shape.rows, shape.prompt_len, shape.new_tokens,
-                                       prompt_group=shape.group_size),
+                                       shared_prompt_group=shape.group_size),
                 xla_flops=float((cost or {}).get("flops", float("nan"))))
 
 
