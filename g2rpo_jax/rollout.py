@@ -232,12 +232,21 @@ def reference_batch(cfg, prepared, rows, tokenizer):
 # ----------------------------------------------------------------------------- sampling options
 
 
+def prompt_sharing(cfg: ml_collections.ConfigDict) -> tuple[bool, str]:
+    """(whether the train step runs a group's prompt once, `make_train_step(..., shared_prompts=...)`;
+    why, for the start-up log): step.shared_prompts, except for the SFT baseline and for guides
+    placed in the prompt, whose rows in a group carry different prompts."""
+    if not cfg.step.shared_prompts:
+        return False, "step.shared_prompts=False"
+    if cfg.step.loss_type == "sft":
+        return False, "the SFT baseline's rows are different problems"
+    if cfg.guidance.mode != "none" and cfg.guidance.placement == "prompt":
+        return False, "guidance.placement='prompt' gives guided rows a prompt of their own"
+    return True, "a group's rollouts share their prompt"
+
+
 def shares_prompts(cfg: ml_collections.ConfigDict) -> bool:
-    """Whether the train step runs a group's prompt once (`make_train_step(..., shared_prompts=...)`):
-    step.shared_prompts, except for the SFT baseline (its rows are different problems) and for
-    guides placed in the prompt (a guided row's prompt holds a hint), where rows differ."""
-    hints = cfg.guidance.mode != "none" and cfg.guidance.placement == "prompt"
-    return bool(cfg.step.shared_prompts) and cfg.step.loss_type != "sft" and not hints
+    return prompt_sharing(cfg)[0]
 
 
 def guide_budget_warning(gcfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict) -> str | None:

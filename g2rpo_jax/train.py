@@ -302,11 +302,9 @@ def start_run(cfg: ml_collections.ConfigDict) -> Optional[Run]:
     if host:
         iterator.set_state(host["data"])
     start_step = int(state.step)
-    shared_prompts = rollout.shares_prompts(cfg)
-    why_not = ("step.shared_prompts=False" if not cfg.step.shared_prompts else "the SFT baseline's rows are different "
-               "problems" if cfg.step.loss_type == "sft" else "guidance.placement='prompt' gives guided rows their own")
-    log("train step: " + ("a group's prompt runs once for its G rollouts (step.shared_prompts)" if shared_prompts
-                          else f"every rollout's prompt runs ({why_not})"))
+    shared_prompts, why = rollout.prompt_sharing(cfg)
+    log(f"train step: {'each group runs its prompt once' if shared_prompts else 'every rollout runs its prompt'} "
+        f"({why})")
     step_fn = train_step_lib.make_train_step(model_cfg, cfg.step, cfg.guidance, optimizer, mesh,
                                              tuple(cfg.mesh.rules), num_problems=num_problems,
                                              shared_prompts=shared_prompts)

@@ -181,7 +181,7 @@ def test_prompt_placement_appends_a_hint_that_is_never_a_target(setup):
     assert batch.guided.sum() == GROUP  # half of two groups
     assert not batch.guided_mask.any()
     # The hint makes a guided row's prompt its own: the train step must run every row's prompt.
-    assert not rollout.shares_prompts(cfg)
+    assert rollout.prompt_sharing(cfg) == (False, "guidance.placement='prompt' gives guided rows a prompt of their own")
     with pytest.raises(ValueError, match="group 0: rows 0 and .* have different prompt_tokens"):
         train_step.check_shared_prompts(batch, GROUP)
     cfg.guidance.mode = "none"
